@@ -1,0 +1,75 @@
+"""The Python API: ``multibox.load(checkpoint).predict(images)``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import load_checkpoint
+from .config import Config
+from .data.coco import read_image_rgb
+from .data.transforms import EvalTransform
+from .engine import autocast
+from .models import SSD, build_model
+from .postprocess import PostProcessor
+from .train import amp_dtype, build_postprocessor, resolve_device
+
+ImageLike = Union[str, os.PathLike, Tensor, np.ndarray]
+
+
+def as_uint8_chw(image: ImageLike) -> Tensor:
+    """A path, an (H, W, 3) uint8 array (RGB) or a (3, H, W) uint8 tensor -> (3, H, W) uint8 tensor."""
+    if isinstance(image, (str, os.PathLike)):
+        return read_image_rgb(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {image.shape} {image.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    if isinstance(image, Tensor) and image.ndim == 3 and image.shape[0] == 3 and image.dtype == torch.uint8:
+        return image
+    raise TypeError(f"cannot read an image from {type(image).__name__}")
+
+
+class Detector:
+    """A trained SSD with its preprocessing and postprocessing.
+
+    Args:
+        model: the network; cfg: its resolved config; class_names: index 0 = "background".
+    """
+
+    def __init__(self, model: SSD, cfg: Config, class_names: Sequence[str], device: torch.device):
+        self.model = model.eval().to(device)
+        self.cfg, self.class_names, self.device = cfg, list(class_names), device
+        self.postprocess: PostProcessor = build_postprocessor(cfg)
+        self.transform = EvalTransform(cfg.model.image_size, cfg.data.mean, cfg.data.std)
+
+    def preprocess(self, images: Sequence[Tensor]) -> Tensor:
+        """uint8 (3, H_i, W_i) images -> (N, 3, S, S) normalised batch, exactly as evaluation prepares them."""
+        return torch.stack([self.transform(img)[0] for img in images]).to(self.device)
+
+    @torch.no_grad()
+    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 16) -> list[dict[str, Tensor]]:
+        """Detections per image: ``boxes`` (K, 4) xyxy in the image's pixels, ``scores`` (K,), ``labels`` (K,)."""
+        if isinstance(images, (str, os.PathLike, Tensor, np.ndarray)):
+            images = [images]
+        results: list[dict[str, Tensor]] = []
+        for start in range(0, len(images), batch_size):
+            batch = [as_uint8_chw(img) for img in images[start:start + batch_size]]
+            sizes = [tuple(img.shape[-2:]) for img in batch]
+            with autocast(self.device, amp_dtype(self.cfg, self.device)):
+                loc, cls = self.model(self.preprocess(batch))
+            results += self.postprocess(loc, cls, self.model.anchors_cxcywh, sizes)
+        return [{k: v.cpu() for k, v in r.items()} for r in results]
+
+
+def load(checkpoint: str | Path, device: str = "auto") -> Detector:
+    """Rebuild a detector from a checkpoint alone (weights, config, class names)."""
+    payload = load_checkpoint(checkpoint)
+    cfg = Config.from_dict(payload["config"])
+    model = build_model(cfg)
+    model.load_state_dict(payload["model"])
+    return Detector(model, cfg, payload["class_names"], resolve_device(device))

@@ -1,0 +1,160 @@
+"""``multibox``: the one command-line entry point."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import fit
+
+    if args.resume:
+        out = Path(args.resume)
+        cfg = load_config(str(out / "config.yaml"), args.set)
+    else:
+        overrides = list(args.set)
+        if args.data:
+            overrides.append(f"data.path={args.data}")
+        if args.val_data:
+            overrides.append(f"data.val_path={args.val_data}")
+        cfg = load_config(args.config, overrides)
+        out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    fit(cfg, out, resume=bool(args.resume), progress=not args.no_progress, dry_run=args.dry_run)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import Config
+    from .data.build import build_splits
+    from .evaluation import format_per_class_table, write_eval_json
+    from .models import build_model
+    from .train import evaluate_model, resolve_device
+
+    payload = load_checkpoint(args.checkpoint)
+    cfg = Config.from_dict(payload["config"])
+    if args.data:   # evaluate every image of another COCO-format set
+        cfg.data.path, cfg.data.val_path = args.data, args.data
+    splits = build_splits(cfg)
+    if splits.class_names != payload["class_names"]:
+        raise SystemExit(f"error: the data's classes {splits.class_names[1:]} differ from the checkpoint's "
+                         f"{payload['class_names'][1:]}")
+    device = resolve_device(args.device)
+    model = build_model(cfg)
+    model.load_state_dict(payload["model"])
+    result = evaluate_model(cfg, model.to(device), splits, device, progress=True)
+    print(result.summary)
+    print(format_per_class_table(result.per_class))
+    out = Path(args.out or Path(args.checkpoint).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    write_eval_json(out / "eval.json", result, extra={"checkpoint": str(args.checkpoint)})
+    print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
+def list_images(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise SystemExit(f"error: {item}: no such file or folder")
+    if not paths:
+        raise SystemExit("error: no images found in " + ", ".join(inputs))
+    return paths
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from torchvision.io import write_png
+    from tqdm import tqdm
+
+    from .api import load
+    from .boxes import xyxy_to_ltwh
+    from .data.coco import read_image_rgb
+    from .visualize import draw_detections
+
+    detector = load(args.checkpoint, args.device)
+    if args.score is not None:
+        detector.postprocess.score_threshold = args.score
+    out = Path(args.out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    results = []
+    paths = list_images(args.inputs)
+    t0 = time.time()
+    for path in tqdm(paths, desc="predict", disable=args.no_progress):
+        image = read_image_rgb(path)
+        det = detector.predict(image)[0]
+        for box, score, label in zip(xyxy_to_ltwh(det["boxes"]).tolist(), det["scores"].tolist(),
+                                     det["labels"].tolist()):
+            results.append({"image_id": path.stem, "category_id": label,
+                            "category_name": detector.class_names[label],
+                            "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
+        write_png(draw_detections(image, det, detector.class_names), str(out / "images" / f"{path.stem}.png"))
+    (out / "detections.json").write_text(json.dumps(results))
+    rate = len(paths) / max(1e-9, time.time() - t0)
+    print(f"{len(paths)} images, {len(results)} detections ({rate:.1f} images/s) -> {out}")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .data.synth import generate_synthetic_coco
+
+    path = generate_synthetic_coco(args.out, num_images=args.num_images, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multibox", description="SSD object detectors: train, evaluate, predict.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a detector (default: the tiny preset on the synthetic demo data)")
+    p.add_argument("--config", default="tiny", help="preset name or YAML file (default: tiny)")
+    p.add_argument("--data", help="COCO annotation JSON, or 'synth' (default: the config's data.path)")
+    p.add_argument("--val-data", help="COCO annotation JSON to evaluate on (default: a held-out split)")
+    p.add_argument("--out", help="run folder (default: runs/<timestamp>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last.pt")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--dry-run", action="store_true", help="build, run one training step, print sizes, exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="COCO evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="COCO annotation JSON (default: the checkpoint's evaluation split)")
+    p.add_argument("--out", help="folder for eval.json (default: the checkpoint's folder)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="detect objects in images or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="predictions")
+    p.add_argument("--score", type=float, help="score threshold (default: the checkpoint's eval.score_threshold)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("synth", help="write the synthetic COCO-format demo dataset")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Configuration: dataclasses with defaults, YAML presets shipped in ``multibox/configs``, ``a.b=value`` overrides.
+
+A config is resolved once (preset -> file -> overrides) and saved next to every run and inside every checkpoint,
+so that a checkpoint alone rebuilds its model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "tiny"                     # tiny | ssd300_vgg16_seed
+    num_classes: int = 80                  # object classes, background excluded
+    image_size: int = 300
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128, 128, 128, 128])  # tiny only
+    head: str = "conv"                     # conv (3x3 conv) | separable (tutorial: depthwise 3x3, BN, ReLU6, 1x1)
+    dropout: float = 0.5                   # after fc6/fc7 (VGG)
+    init: str = "truncated_normal"         # truncated_normal (σ = 0.02, tutorial) | kaiming
+    class_prior: float | None = None       # initial object probability of the sigmoid cls heads (RetinaNet: 0.01)
+    backbone_weights: str | None = None
+
+
+@dataclass
+class AnchorConfig:
+    feature_sizes: list[int] = field(default_factory=lambda: [38, 19, 10, 5, 3, 1])
+    steps: list[float] = field(default_factory=lambda: [8, 16, 32, 64, 100, 300])
+    scales: list[float] | None = None      # None: the tutorial's 0.1 .. 0.95 rule, then 1.0
+    aspect_ratios: list[list[float]] = field(default_factory=lambda: [[2], [2, 3], [2, 3], [2, 3], [2], [2]])
+    clip: bool = False
+    extra_box_second: bool = False
+
+
+@dataclass
+class LossConfig:
+    kind: str = "focal"                    # focal (tutorial, sigmoid scores) | hard_negative (paper, softmax)
+    alpha: float = 0.75
+    gamma: float = 2.0
+    neg_pos_ratio: int = 3
+    smooth_l1_beta: float = 1.0
+    match_rule: str = "tutorial"           # tutorial | torchvision
+    iou_threshold: float = 0.5
+    center_variance: float = 0.1
+    size_variance: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    path: str = "synth"                    # COCO JSON | "synth"
+    image_root: str | None = None
+    val_path: str | None = None
+    val_fraction: float = 0.1              # held out from `path` when there is no val_path
+    synth_root: str = "data/synth"
+    synth_train_images: int = 1000
+    synth_val_images: int = 200
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN_255))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD_255))
+    crop_rule: str = "tutorial"            # tutorial | paper | none
+    flip_p: float = 0.5
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4])
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 60
+    batch_size: int = 5
+    lr: float = 0.05                       # peak LR after warm-up
+    lr_init: float = 0.001
+    lr_end: float = 5e-5
+    warmup_epochs: float = 2
+    momentum: float = 0.9
+    weight_decay: float = 1.5e-4
+    grad_clip: float | None = None
+    amp: bool = True                       # autocast on CUDA only
+    amp_dtype: str = "bfloat16"
+    eval_every: int = 0                    # epochs; 0 = only at the end
+    checkpoint_every: int = 10
+    log_every: int = 10                    # steps
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0                       # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class EvalConfig:
+    score_threshold: float = 0.1
+    nms_threshold: float = 0.6
+    max_per_class: int = 100
+    max_per_image: int | None = None
+    pre_nms_top_k: int | None = None       # candidates per class before NMS (torchvision: 400)
+    batch_size: int = 16
+    backend: str = "faster"                # faster (faster-coco-eval) | pycocotools
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        cfg = cls()
+        merge(cfg, raw)
+        return cfg
+
+
+def merge(cfg: Any, raw: dict[str, Any], prefix: str = "") -> None:
+    """Recursively copy ``raw`` into the dataclass ``cfg``; unknown keys are an error (typos must not pass)."""
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if not hasattr(cfg, key) or key.startswith("_"):
+            raise KeyError(f"unknown config key {name!r}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TypeError(f"config key {name!r} is a section; got {value!r}")
+            merge(current, value, name + ".")
+        else:
+            setattr(cfg, key, value)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("multibox.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    raw = yaml.safe_load(text) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{origin}: a config must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def set_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b=value`` to a nested dict; the value is parsed as YAML (numbers, lists, null, booleans)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set expects key=value, got {assignment!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(text)
+
+
+def load_config(preset_or_file: str | None = "tiny", overrides: list[str] = ()) -> Config:
+    """Resolve a preset name (see :func:`preset_names`) or a YAML file, then apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if preset_or_file:
+        path = Path(preset_or_file)
+        if path.suffix in (".yaml", ".yml") and path.exists():
+            raw = _read_yaml(path.read_text(), str(path))
+        elif preset_or_file in preset_names():
+            text = resources.files("multibox.configs").joinpath(f"{preset_or_file}.yaml").read_text()
+            raw = _read_yaml(text, preset_or_file)
+        else:
+            raise FileNotFoundError(f"no preset or config file {preset_or_file!r}; presets: {', '.join(preset_names())}")
+    for assignment in overrides:
+        set_override(raw, assignment)
+    return Config.from_dict(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,476 @@
+"""Deterministic synthetic detection dataset in COCO format (the built-in demo).
+
+Each image has a textured, muted background (gradient, smooth noise, stripes or a
+checkerboard, plus grain) and 1-10 saturated objects from six classes. Every class
+has its own shape *and* its own colour family, so a tiny SSD can learn it in minutes,
+while varied sizes (3-80 % of the shorter image side), aspect ratios, rotations,
+partial overlaps and image sizes keep it from being trivial.
+
+Shapes are rasterised at 2-4x supersampling and box-filtered down, which gives
+anti-aliased edges; the ground-truth box is the exact extent of the supersampled
+raster (a multiple of 1/ss pixel), i.e. the tight box of the drawn shape.
+
+Output layout (``generate_synthetic_coco``)::
+
+    out_dir/images/synth_000000.jpg ...
+    out_dir/annotations.json        # COCO instances (bbox = [left, top, width, height], floats)
+    out_dir/synth_manifest.json     # generation parameters, written last (marks completeness)
+
+Same parameters => byte-identical files: every image draws from its own
+``numpy.random.Generator`` seeded by ``(seed, image index)``, so image *i* does not
+depend on how many images are generated.
+
+Importing this module has no side effects.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "SYNTH_CATEGORIES",
+    "SYNTH_CLASS_NAMES",
+    "DEFAULT_SIZE_RANGE",
+    "DEFAULT_SMALL_FRACTION",
+    "GENERATOR_VERSION",
+    "generate_synthetic_coco",
+    "generate_demo_splits",
+    "is_complete_dataset",
+    "SynthSplits",
+]
+
+# Bump whenever the generated pixels or annotations change, so cached demo data is rebuilt.
+GENERATOR_VERSION = 1
+
+# (name, base hue in degrees). Hues are >= 40 degrees apart (hue jitter is +-8), and the
+# shapes differ too, so either cue alone identifies the class.
+_CLASS_SPECS: tuple[tuple[str, float], ...] = (
+    ("ellipse", 0.0),  # red
+    ("rectangle", 225.0),  # blue
+    ("triangle", 120.0),  # green
+    ("star", 52.0),  # yellow
+    ("ring", 300.0),  # magenta
+    ("cross", 182.0),  # cyan
+)
+
+SYNTH_CATEGORIES: list[dict] = [
+    {"id": i + 1, "name": name, "supercategory": "shape"} for i, (name, _) in enumerate(_CLASS_SPECS)
+]
+SYNTH_CLASS_NAMES: list[str] = [name for name, _ in _CLASS_SPECS]
+
+_MANIFEST = "synth_manifest.json"
+_ANNOTATIONS = "annotations.json"
+_IMAGE_NAME = "synth_{:06d}.jpg"
+_IMAGE_RE = re.compile(r"^synth_\d{6}\.jpg$")
+
+# Object size = long side of its box as a fraction of the image's shorter side, drawn
+# log-uniformly from a "small" band [lo, 0.08] with probability small_fraction, else from
+# the main band [0.08, hi] (most objects medium-sized, as a tiny SSD can learn them).
+DEFAULT_SIZE_RANGE = (0.03, 0.80)
+DEFAULT_SMALL_FRACTION = 0.15
+_SMALL_SPLIT = 0.08
+_ASPECT_RANGE = (0.6, 1.6)  # width / height for ellipses, rectangles, rings, crosses
+_MAX_BOX_IOU = 0.35  # reject placements overlapping an earlier box more than this
+_MIN_VISIBLE = 0.5  # an earlier object must keep at least half of its pixels visible
+
+
+class SynthSplits(NamedTuple):
+    """Annotation files of the demo splits (``train, val = generate_demo_splits(...)`` works)."""
+
+    train: Path
+    val: Path
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _hsv_to_rgb255(h_deg: float, s: float, v: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb((h_deg % 360.0) / 360.0, s, v)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+
+
+def _muted_colour(rng: np.random.Generator) -> np.ndarray:
+    """A low-saturation background colour, float32 (3,) in 0..255."""
+    h = rng.uniform(0.0, 360.0)
+    s = rng.uniform(0.0, 0.3)
+    v = rng.uniform(0.2, 0.75)
+    return np.asarray(_hsv_to_rgb255(h, s, v), dtype=np.float32)
+
+
+def _object_colour(rng: np.random.Generator, base_hue: float) -> tuple[int, int, int]:
+    """A saturated, bright colour from one class's hue family (mild per-instance variation)."""
+    return _hsv_to_rgb255(base_hue + rng.uniform(-8.0, 8.0), rng.uniform(0.65, 1.0), rng.uniform(0.72, 1.0))
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Textured background, uint8 (H, W, 3)."""
+    kind = int(rng.integers(0, 4))
+    c1, c2 = _muted_colour(rng), _muted_colour(rng)
+    if kind == 1:
+        # Smooth colour noise: a coarse grid of muted colours, bilinearly upsampled.
+        gw, gh = int(rng.integers(3, 13)), int(rng.integers(3, 13))
+        grid = np.stack([_muted_colour(rng) for _ in range(gw * gh)]).reshape(gh, gw, 3)
+        img = np.asarray(
+            Image.fromarray(grid.astype(np.uint8)).resize((width, height), Image.BILINEAR), dtype=np.float32
+        )
+    else:
+        ys = np.arange(height, dtype=np.float32)[:, None]
+        xs = np.arange(width, dtype=np.float32)[None, :]
+        if kind == 0:
+            # Linear gradient at a random angle.
+            phi = rng.uniform(0.0, 2.0 * math.pi)
+            t = xs * math.cos(phi) + ys * math.sin(phi)
+            t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        elif kind == 2:
+            # Stripes (soft or hard) at a random angle and period.
+            phi = rng.uniform(0.0, math.pi)
+            period = rng.uniform(8.0, 48.0)
+            t = np.sin((xs * math.cos(phi) + ys * math.sin(phi)) * (2.0 * math.pi / period))
+            t = (t > 0).astype(np.float32) if rng.random() < 0.5 else 0.5 + 0.5 * t
+        else:
+            # Axis-aligned checkerboard with a random cell size and phase.
+            cell = int(rng.integers(8, 49))
+            ox, oy = int(rng.integers(0, cell)), int(rng.integers(0, cell))
+            t = (((xs.astype(np.int64) + ox) // cell + (ys.astype(np.int64) + oy) // cell) % 2).astype(np.float32)
+        img = c1 + t[..., None] * (c2 - c1)
+    # Grain, shared by the three channels (cheaper, and looks like sensor luminance noise).
+    sigma = rng.uniform(2.0, 8.0)
+    img = img + rng.normal(0.0, sigma, size=(height, width, 1)).astype(np.float32)
+    return np.clip(img, 0.0, 255.0).astype(np.uint8)
+
+
+def _regular_polygon(num: int, angle: float, inner_ratio: float | None = None) -> np.ndarray:
+    """Vertices (k, 2) of a regular polygon / star of outer radius 1 centred at 0."""
+    if inner_ratio is None:
+        theta = angle + np.arange(num) * (2.0 * math.pi / num)
+        radii = np.ones(num)
+    else:
+        theta = angle + np.arange(2 * num) * (math.pi / num)
+        radii = np.where(np.arange(2 * num) % 2 == 0, 1.0, inner_ratio)
+    # -sin so that angle 0 points "up" in image coordinates.
+    return np.stack([radii * np.cos(theta - math.pi / 2), radii * np.sin(theta - math.pi / 2)], axis=1)
+
+
+def _render_shape(
+    rng: np.random.Generator, kind: str, long_side: float
+) -> tuple[Image.Image, np.ndarray, tuple[float, float, float, float], float]:
+    """Rasterise one shape on its own small canvas.
+
+    Returns ``(mask, mask_u8, box, area)``: ``mask`` is an 'L' image (ch, cw) of coverage
+    0..255 (anti-aliased), ``mask_u8`` the same as a numpy array, ``box`` the tight
+    xyxy extent of the shape in canvas pixel coordinates (multiples of 1/ss) and ``area``
+    the shape's area in pixels (exact count of supersampled pixels / ss^2).
+    """
+    ss = 4 if long_side < 100 else 2  # supersampling factor; big shapes need less
+    aspect = rng.uniform(*_ASPECT_RANGE)  # width / height
+    if kind in ("triangle", "star"):
+        if kind == "triangle":
+            verts = _regular_polygon(3, rng.uniform(0.0, 2.0 * math.pi / 3))
+        else:
+            verts = _regular_polygon(5, rng.uniform(0.0, 2.0 * math.pi / 5), inner_ratio=rng.uniform(0.4, 0.5))
+        verts = verts - verts.min(axis=0)
+        verts = verts * (long_side * ss / float(verts.max()))
+        w_ss, h_ss = float(np.ceil(verts[:, 0].max())), float(np.ceil(verts[:, 1].max()))
+    else:
+        if aspect >= 1.0:
+            w_ss, h_ss = long_side * ss, long_side * ss / aspect
+        else:
+            w_ss, h_ss = long_side * ss * aspect, long_side * ss
+        w_ss, h_ss = float(max(round(w_ss), 2)), float(max(round(h_ss), 2))
+        verts = None
+    # Random sub-pixel phase, so box edges are not always on pixel boundaries.
+    ox, oy = int(rng.integers(0, ss)), int(rng.integers(0, ss))
+    cw = int(math.ceil((w_ss + ox) / ss)) + 1
+    ch = int(math.ceil((h_ss + oy) / ss)) + 1
+    canvas = Image.new("L", (cw * ss, ch * ss), 0)
+    draw = ImageDraw.Draw(canvas)
+    x0, y0, x1, y1 = ox, oy, ox + w_ss - 1, oy + h_ss - 1  # PIL's shape coordinates are inclusive
+    if kind == "ellipse":
+        draw.ellipse((x0, y0, x1, y1), fill=255)
+    elif kind == "rectangle":
+        draw.rectangle((x0, y0, x1, y1), fill=255)
+    elif kind == "ring":
+        draw.ellipse((x0, y0, x1, y1), fill=255)
+        r = rng.uniform(0.45, 0.6)  # hole size relative to the outer ellipse
+        cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * r / 2, (y1 - y0) * r / 2
+        if hw >= 1 and hh >= 1:
+            draw.ellipse((cx - hw, cy - hh, cx + hw, cy + hh), fill=0)
+    elif kind == "cross":
+        t = rng.uniform(0.28, 0.4)  # arm thickness relative to the box side
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        tx, ty = max((x1 - x0) * t / 2, 1.0), max((y1 - y0) * t / 2, 1.0)
+        draw.rectangle((x0, cy - ty, x1, cy + ty), fill=255)
+        draw.rectangle((cx - tx, y0, cx + tx, y1), fill=255)
+    else:
+        draw.polygon([(float(x) + ox, float(y) + oy) for x, y in verts], fill=255)
+    left, top, right, bottom = canvas.getbbox()
+    box = (left / ss, top / ss, right / ss, bottom / ss)
+    area = canvas.histogram()[255] / float(ss * ss)  # only 0 and 255 are ever drawn
+    mask = canvas.reduce(ss)  # box filter = exact area coverage -> anti-aliased edges
+    return mask, np.asarray(mask), box, area
+
+
+def _sample_long_side(
+    rng: np.random.Generator, short_side: int, size_range: tuple[float, float], small_fraction: float
+) -> float:
+    lo, hi = size_range
+    split = min(max(_SMALL_SPLIT, lo), hi)
+    if rng.random() < small_fraction:
+        hi = split
+    else:
+        lo = split
+    frac = math.exp(rng.uniform(math.log(lo), math.log(hi)))  # log-uniform
+    return max(frac * short_side, 5.0)
+
+
+def _box_iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box (4,) with many (n, 4)."""
+    lt = np.maximum(box[:2], boxes[:, :2])
+    rb = np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(rb - lt, 0.0, None), axis=1)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + areas - inter)
+
+
+def _make_image(
+    rng: np.random.Generator,
+    min_side: int,
+    max_side: int,
+    max_objects: int,
+    size_range: tuple[float, float] = DEFAULT_SIZE_RANGE,
+    small_fraction: float = DEFAULT_SMALL_FRACTION,
+) -> tuple[Image.Image, list[dict]]:
+    """One image and its objects: dicts with ``category_id``, ``box_xyxy`` (floats) and ``area``."""
+    width = int(rng.integers(min_side, max_side + 1))
+    height = int(rng.integers(min_side, max_side + 1))
+    image = Image.fromarray(_background(rng, width, height))
+    short = min(width, height)
+    target = int(rng.integers(1, max_objects + 1))
+
+    # owner[y, x] = index of the top-most object covering the pixel (coverage >= 50 %), -1 if none.
+    owner = np.full((height, width), -1, dtype=np.int16)
+    boxes = np.zeros((0, 4), dtype=np.float64)
+    visible: list[int] = []
+    full_area: list[int] = []
+    objects: list[dict] = []
+    for _ in range(target):
+        placed = False
+        for _shape_try in range(6):
+            cls = int(rng.integers(0, len(_CLASS_SPECS)))
+            name, hue = _CLASS_SPECS[cls]
+            mask, mask_u8, (bx0, by0, bx1, by1), area = _render_shape(
+                rng, name, _sample_long_side(rng, short, size_range, small_fraction)
+            )
+            ch, cw = mask_u8.shape
+            if cw > width or ch > height:
+                continue
+            cover = mask_u8 >= 128
+            n_cover = int(cover.sum())
+            if n_cover == 0:
+                continue
+            for _pos_try in range(8):
+                px = int(rng.integers(0, width - cw + 1))
+                py = int(rng.integers(0, height - ch + 1))
+                box = np.array([bx0 + px, by0 + py, bx1 + px, by1 + py])
+                if len(boxes) and _box_iou_one_to_many(box, boxes).max() > _MAX_BOX_IOU:
+                    continue
+                region = owner[py : py + ch, px : px + cw]
+                hidden = np.bincount(region[cover].astype(np.int64) + 1, minlength=len(objects) + 1)[1:]
+                if len(objects) and np.any(
+                    np.asarray(visible) - hidden < _MIN_VISIBLE * np.asarray(full_area)
+                ):
+                    continue
+                # Accept: the new object is drawn on top of everything placed so far.
+                for j in np.nonzero(hidden)[0]:
+                    visible[j] -= int(hidden[j])
+                region[cover] = len(objects)
+                visible.append(n_cover)
+                full_area.append(n_cover)
+                boxes = np.concatenate([boxes, box[None]], axis=0)
+                image.paste(_object_colour(rng, hue), (px, py, px + cw, py + ch), mask)
+                objects.append(
+                    {
+                        "category_id": cls + 1,
+                        "box_xyxy": [float(v) for v in box],
+                        # Drawn (amodal) shape area, as COCO uses the segment area, not the box area.
+                        "area": area,
+                    }
+                )
+                placed = True
+                break
+            if placed:
+                break
+    return image, objects
+
+
+# --------------------------------------------------------------------------- dataset files
+
+
+def _params(
+    num_images: int,
+    seed: int,
+    min_side: int,
+    max_side: int,
+    max_objects: int,
+    size_range: tuple[float, float],
+    small_fraction: float,
+    jpeg_quality: int,
+) -> dict:
+    return {
+        "generator_version": GENERATOR_VERSION,
+        "num_images": int(num_images),
+        "seed": int(seed),
+        "min_side": int(min_side),
+        "max_side": int(max_side),
+        "max_objects": int(max_objects),
+        "size_range": [float(size_range[0]), float(size_range[1])],
+        "small_fraction": float(small_fraction),
+        "jpeg_quality": int(jpeg_quality),
+    }
+
+
+def is_complete_dataset(out_dir: str | os.PathLike, params: dict) -> bool:
+    """True when ``out_dir`` holds a finished dataset generated with exactly ``params``."""
+    out_dir = Path(out_dir)
+    try:
+        manifest = json.loads((out_dir / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("params") != params or not (out_dir / _ANNOTATIONS).is_file():
+        return False
+    images_dir = out_dir / "images"
+    present = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
+    return all(_IMAGE_NAME.format(i) in present for i in range(params["num_images"]))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def generate_synthetic_coco(
+    out_dir: str | os.PathLike,
+    num_images: int = 1000,
+    seed: int = 0,
+    *,
+    min_side: int = 256,
+    max_side: int = 416,
+    max_objects: int = 10,
+    size_range: tuple[float, float] = DEFAULT_SIZE_RANGE,
+    small_fraction: float = DEFAULT_SMALL_FRACTION,
+    jpeg_quality: int = 90,
+    skip_if_complete: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write a synthetic COCO detection dataset and return the path of its ``annotations.json``.
+
+    Args:
+        out_dir: folder to create; images go to ``out_dir/images``.
+        num_images: number of images (ids 1..num_images).
+        seed: base seed; the same parameters give byte-identical files.
+        min_side, max_side: image width and height are each drawn uniformly from [min_side, max_side].
+        max_objects: objects per image are drawn from 1..max_objects (a few fewer when a crowded
+            image has no room left for a non-overlapping placement; never fewer than 1).
+        size_range: (lo, hi) of an object's long side as a fraction of the image's shorter side.
+        small_fraction: probability that an object is drawn from the small band [lo, 0.08]
+            (log-uniform there; otherwise log-uniform in [0.08, hi]).
+        jpeg_quality: JPEG quality (4:4:4 chroma, so small objects keep their colour).
+        skip_if_complete: return at once when ``out_dir`` already holds a complete dataset made
+            with the same parameters (see ``synth_manifest.json``).
+        progress: optional callback ``progress(done, total)`` called after each image.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not (16 <= min_side <= max_side):
+        raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    if not (0.0 < size_range[0] <= size_range[1] <= 0.95):
+        raise ValueError(f"need 0 < size_range[0] <= size_range[1] <= 0.95, got {size_range}")
+    if not (0.0 <= small_fraction <= 1.0):
+        raise ValueError(f"small_fraction must be in [0, 1], got {small_fraction}")
+    out_dir = Path(out_dir)
+    params = _params(num_images, seed, min_side, max_side, max_objects, size_range, small_fraction, jpeg_quality)
+    ann_path = out_dir / _ANNOTATIONS
+    if skip_if_complete and is_complete_dataset(out_dir, params):
+        return ann_path
+
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is rewritten
+
+    images, annotations = [], []
+    for i in range(num_images):
+        rng = np.random.default_rng([int(seed), i])
+        image, objects = _make_image(rng, min_side, max_side, max_objects, tuple(size_range), small_fraction)
+        file_name = _IMAGE_NAME.format(i)
+        image.save(images_dir / file_name, format="JPEG", quality=jpeg_quality, subsampling=0)
+        image_id = i + 1
+        images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
+        for obj in objects:
+            x0, y0, x1, y1 = obj["box_xyxy"]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": obj["category_id"],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],  # COCO ltwh
+                    "area": round(obj["area"], 2),
+                    "iscrowd": 0,
+                }
+            )
+        if progress is not None:
+            progress(i + 1, num_images)
+
+    # Remove images left over from an earlier, larger run (only files with our own naming pattern).
+    wanted = {im["file_name"] for im in images}
+    for name in os.listdir(images_dir):
+        if _IMAGE_RE.match(name) and name not in wanted:
+            (images_dir / name).unlink()
+
+    coco = {
+        "info": {"description": "multibox synthetic shapes", **params},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in SYNTH_CATEGORIES],
+    }
+    _atomic_write_text(ann_path, json.dumps(coco))
+    _atomic_write_text(out_dir / _MANIFEST, json.dumps({"params": params}, indent=1, sort_keys=True))
+    return ann_path
+
+
+def generate_demo_splits(
+    root: str | os.PathLike,
+    num_train: int = 1000,
+    num_val: int = 200,
+    seed: int = 0,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs,
+) -> SynthSplits:
+    """Create (or reuse) ``root/train`` and ``root/val`` and return their annotation files.
+
+    The splits use different seeds (``2*seed`` and ``2*seed + 1``, so no two ``seed`` values
+    share a split). A split that is already complete with the same parameters is not
+    regenerated. Extra keyword arguments go to :func:`generate_synthetic_coco`.
+    """
+    root = Path(root)
+    train = generate_synthetic_coco(
+        root / "train", num_train, 2 * seed, skip_if_complete=True, progress=progress, **kwargs
+    )
+    val = generate_synthetic_coco(
+        root / "val", num_val, 2 * seed + 1, skip_if_complete=True, progress=progress, **kwargs
+    )
+    return SynthSplits(train, val)
