@@ -103,7 +103,8 @@ def test_image_root_resolution(coco_dir, tmp_path_factory):
     assert ds[0][0].shape == (3, 40, 60)
     ds_missing = CocoDetection(elsewhere / "instances.json")
     with pytest.raises(FileNotFoundError, match="a.png"):
-        ds_missing[0]
+        ds_missing.image_path(0)
+    assert ds_missing[0] is None  # training policy: an unreadable image is skipped, not fatal
 
 
 def test_exif_orientation_applied(tmp_path):

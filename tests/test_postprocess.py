@@ -231,3 +231,25 @@ def test_group_rank_empty_and_random_against_loop():
         expected.append(seen.get(x, 0))
         seen[x] = seen.get(x, 0) + 1
     assert group_rank(groups).tolist() == expected
+
+
+@pytest.mark.parametrize("max_per_call", [1, 7, 64, 100_000])
+def test_grouped_nms_chunking_is_exact(max_per_call):
+    """Splitting the candidates into several nms calls (whole groups each) keeps exactly the same boxes as a
+    per-group reference loop."""
+    from multibox.postprocess import grouped_nms
+
+    g = torch.Generator().manual_seed(3)
+    n = 400
+    xy = torch.rand(n, 2, generator=g) * 0.8
+    boxes = torch.cat((xy, xy + 0.05 + torch.rand(n, 2, generator=g) * 0.2), dim=1)
+    scores = torch.rand(n, generator=g)
+    groups = torch.randint(0, 23, (n,), generator=g)
+    got = grouped_nms(boxes, scores, groups, 0.4, max_per_call=max_per_call)
+    expected = []
+    for group in groups.unique():
+        idx = torch.nonzero(groups == group).flatten()
+        expected.append(idx[nms(boxes[idx], scores[idx], 0.4)])
+    expected = torch.cat(expected)
+    expected = expected[torch.argsort(scores[expected], descending=True)]
+    assert torch.equal(got, expected)

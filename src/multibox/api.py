@@ -12,7 +12,7 @@ from torch import Tensor
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data.coco import read_image_rgb
-from .data.transforms import EvalTransform
+from .data.transforms import build_eval_transform
 from .engine import autocast
 from .models import SSD, build_model
 from .postprocess import PostProcessor
@@ -45,7 +45,7 @@ class Detector:
         self.model = model.eval().to(device)
         self.cfg, self.class_names, self.device = cfg, list(class_names), device
         self.postprocess: PostProcessor = build_postprocessor(cfg)
-        self.transform = EvalTransform(cfg.model.image_size, cfg.data.mean, cfg.data.std)
+        self.transform = build_eval_transform(cfg)
 
     def preprocess(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 (3, H_i, W_i) images -> (N, 3, S, S) normalised batch, exactly as evaluation prepares them."""
@@ -70,6 +70,6 @@ def load(checkpoint: str | Path, device: str = "auto") -> Detector:
     """Rebuild a detector from a checkpoint alone (weights, config, class names)."""
     payload = load_checkpoint(checkpoint)
     cfg = Config.from_dict(payload["config"])
-    model = build_model(cfg)
+    model = build_model(cfg, load_backbone_weights=False)
     model.load_state_dict(payload["model"])
     return Detector(model, cfg, payload["class_names"], resolve_device(device))

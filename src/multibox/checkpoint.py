@@ -6,9 +6,11 @@ A checkpoint is a dict of plain types and tensors: ``format``, ``version``, ``mo
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +21,38 @@ VERSION = 1
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be used: missing, damaged, forged (refused) or not a multibox training state."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, quota, I/O error); the previous file at the path is intact."""
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash or a full disk
-    mid-write leaves the previous checkpoint intact."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a crash, a kill or a full
+    disk mid-write leaves the previous checkpoint intact (and no temporary file after an exception).
+
+    The payload is serialised in memory first, so that a failed write reports the system's error (``No space
+    left on device``) rather than torch's stream-writer message. Raises :class:`CheckpointWriteError`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except Exception as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointWriteError(getattr(err, "errno", None) or 0,
+                                   f"{path}: could not write the checkpoint ({type(err).__name__}: {err}); the "
+                                   f"previous {path.name}, if any, is unchanged") from err
+    except BaseException:   # KeyboardInterrupt, SystemExit: same cleanup, same guarantee
         Path(tmp).unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -45,20 +62,73 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def _check_archive(path: Path) -> None:
+    """Refuse, before unpickling anything, what ``torch.save`` never writes: a legacy (non-zip) format, whose
+    reader allocates storages of the sizes the file declares, and compressed records (a zip bomb)."""
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a multibox checkpoint (not a torch.save zip archive; "
+                              "legacy pickle formats are refused)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except Exception as err:   # BadZipFile, struct / value errors from a forged directory
+        raise CheckpointError(f"{path}: not a readable checkpoint (damaged zip directory: {err})") from None
+    compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"{path}: refused: record {compressed[0]!r} is compressed, which torch.save never "
+                              "writes (decompression-bomb guard)")
+    if sum(i.file_size for i in infos) > path.stat().st_size:
+        raise CheckpointError(f"{path}: not a readable checkpoint (its records claim more bytes than the file has)")
+
+
+def _check_fields(payload: dict, path: Path) -> None:
+    """The fields every consumer reads, with their types (so a forged file fails here, naming the field)."""
+    model = payload.get("model")
+    if model is not None and not (isinstance(model, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items())):
+        raise CheckpointError(f"{path}: field 'model' must map parameter names to tensors")
+    if "config" in payload and not isinstance(payload["config"], dict):
+        raise CheckpointError(f"{path}: field 'config' must be a mapping, got {type(payload['config']).__name__}")
+    names = payload.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: field 'class_names' must be a list of strings")
+    version = payload.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: field 'version' must be an integer, got {version!r}")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``: tensors and plain containers only, never code from the file."""
+    """Load with ``weights_only=True``: tensors and plain containers only, never code from the file.
+
+    Every failure is a :class:`CheckpointError` naming the file: missing, not a torch zip archive, compressed
+    records, a pickle that names any other class or function (refused: it could run code), damaged data, a
+    payload that is not a multibox checkpoint or whose fields have the wrong types.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
-                              f"containers, which could run code ({str(err).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from None
+        text = str(err)
+        detail = next((line.strip() for line in text.splitlines()
+                       if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line), None)
+        if detail is not None:
+            raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain "
+                                  f"containers, which could run code ({detail})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(text)})") from None
+    except Exception as err:   # RuntimeError (zip reader), EOFError, ValueError, MemoryError, ... from damaged data
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: "
+                              f"{_first_line(str(err))})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a multibox checkpoint (use `multibox import-weights` for other formats)")
+    _check_fields(payload, path)
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload['version']} is newer than this multibox")
     return payload
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else "no detail"

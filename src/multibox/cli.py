@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from .bench import add_bench_parser
+from .export import add_export_parser
+from .predict import add_predict_parser
+from .data.shards import add_convert_parser
+from .data.validate import add_check_data_parser
+from .interop import add_import_weights_parser
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -35,6 +39,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .data.build import build_splits
     from .evaluation import format_per_class_table, write_eval_json
     from .models import build_model
+    from .report import write_eval_report
     from .train import evaluate_model, resolve_device
 
     payload = load_checkpoint(args.checkpoint)
@@ -46,61 +51,19 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: the data's classes {splits.class_names[1:]} differ from the checkpoint's "
                          f"{payload['class_names'][1:]}")
     device = resolve_device(args.device)
-    model = build_model(cfg)
+    model = build_model(cfg, load_backbone_weights=False)
     model.load_state_dict(payload["model"])
-    result = evaluate_model(cfg, model.to(device), splits, device, progress=True)
+    result, detections = evaluate_model(cfg, model.to(device), splits, device, progress=True,
+                                        return_detections=True)
     print(result.summary)
     print(format_per_class_table(result.per_class))
     out = Path(args.out or Path(args.checkpoint).parent)
     out.mkdir(parents=True, exist_ok=True)
     write_eval_json(out / "eval.json", result, extra={"checkpoint": str(args.checkpoint)})
-    print(f"wrote {out / 'eval.json'}")
-    return 0
-
-
-def list_images(inputs: list[str]) -> list[Path]:
-    paths: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            paths.append(item)
-        else:
-            raise SystemExit(f"error: {item}: no such file or folder")
-    if not paths:
-        raise SystemExit("error: no images found in " + ", ".join(inputs))
-    return paths
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from torchvision.io import write_png
-    from tqdm import tqdm
-
-    from .api import load
-    from .boxes import xyxy_to_ltwh
-    from .data.coco import read_image_rgb
-    from .visualize import draw_detections
-
-    detector = load(args.checkpoint, args.device)
-    if args.score is not None:
-        detector.postprocess.score_threshold = args.score
-    out = Path(args.out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    results = []
-    paths = list_images(args.inputs)
-    t0 = time.time()
-    for path in tqdm(paths, desc="predict", disable=args.no_progress):
-        image = read_image_rgb(path)
-        det = detector.predict(image)[0]
-        for box, score, label in zip(xyxy_to_ltwh(det["boxes"]).tolist(), det["scores"].tolist(),
-                                     det["labels"].tolist()):
-            results.append({"image_id": path.stem, "category_id": label,
-                            "category_name": detector.class_names[label],
-                            "bbox": [round(v, 2) for v in box], "score": round(score, 5)})
-        write_png(draw_detections(image, det, detector.class_names), str(out / "images" / f"{path.stem}.png"))
-    (out / "detections.json").write_text(json.dumps(results))
-    rate = len(paths) / max(1e-9, time.time() - t0)
-    print(f"{len(paths)} images, {len(results)} detections ({rate:.1f} images/s) -> {out}")
+    files = write_eval_report(out, result, splits.val_gt, detections, splits.class_names,
+                              metrics_jsonl=Path(args.checkpoint).parent / "metrics.jsonl",
+                              images=splits.val, image_ids=splits.val_image_ids)
+    print(f"wrote {out / 'eval.json'} and the report {files['index']}")
     return 0
 
 
@@ -134,20 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="detect objects in images or folders")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--out", default="predictions")
-    p.add_argument("--score", type=float, help="score threshold (default: the checkpoint's eval.score_threshold)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_predict)
-
     p = sub.add_parser("synth", help="write the synthetic COCO-format demo dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--num-images", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_synth)
+
+    add_predict_parser(sub)
+    add_export_parser(sub)
+    add_convert_parser(sub)
+    add_check_data_parser(sub)
+    add_import_weights_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ so that a checkpoint alone rebuilds its model.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -68,16 +69,36 @@ class DataConfig:
     flip_p: float = 0.5
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4])
     num_workers: int = 2
+    # --- the paper's augmentation and torchvision's preprocessing (data/transforms.py)
+    resize: str = "antialias"              # antialias (uint8, antialiased) | torchvision (float bilinear, no antialias)
+    photometric: bool = False              # the paper's photometric distortion (brightness, contrast, saturation, hue)
+    zoom_out: float = 0.0                  # largest zoom-out ("expand") ratio; <= 1 disables (paper: 4)
+    zoom_out_p: float = 0.5                # probability of a zoom-out when enabled
+    # --- sources (data/build.py): `path` / `val_path` = COCO JSON | VOC folder | packed-shard folder | "synth"
+    keep_empty: bool = True                # keep images without boxes (background samples)
+    keep_difficult: bool = False           # VOC: also train on `difficult` boxes (evaluation ignores them)
+    voc_split: str = "trainval"            # VOC: ImageSets/Main split trained on
+    val_split: str | None = "test"         # VOC: split evaluated when there is no val_path (held-out if absent)
+    shard_verify: str = "sha256"           # shards: sha256 (file on first use + row CRC) | crc | none
+    # --- where the training augmentation runs (data/gpu_transforms.py)
+    pipeline: str = "cpu"                  # cpu (per image, in the workers) | batched (workers decode; one
+                                           # batched warp + colour ops on the training device)
+    # --- hostile inputs: images whose header declares more pixels are refused before decoding (skipped, counted)
+    max_image_pixels: int = 8192 * 8192
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 60
     batch_size: int = 5
+    schedule: str = "warmup_cosine"        # warmup_cosine (tutorial) | multistep (paper)
+    milestones: list[int] = field(default_factory=lambda: [80, 110])   # epochs, multistep only
+    gamma: float = 0.1
     lr: float = 0.05                       # peak LR after warm-up
     lr_init: float = 0.001
     lr_end: float = 5e-5
     warmup_epochs: float = 2
+    optimizer: str = "sgd"                 # sgd (momentum) | adamw
     momentum: float = 0.9
     weight_decay: float = 1.5e-4
     grad_clip: float | None = None
@@ -89,6 +110,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0                       # torch CPU threads; 0 = torch's default
+    # --- data-parallel (torchrun): batch_size is per process, the global batch is batch_size x world size
+    freeze_bn: bool = False                # BatchNorm uses its running statistics while training (exact DDP)
+    sync_bn: bool = False                  # DDP on CUDA: convert BatchNorm to SyncBatchNorm
+    dist_backend: str = "auto"             # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # --- reliability (train.py, engine.py)
+    checkpoint_every_steps: int = 0        # also write last.pt every N steps, with the position in the epoch; 0 = off
+    max_nonfinite_steps: int = 20          # stop after this many consecutive non-finite loss / gradient steps; 0 = never
+    deterministic: bool = False            # torch.use_deterministic_algorithms, fixed threads (exact resume on CPU)
 
 
 @dataclass
@@ -133,7 +162,20 @@ def merge(cfg: Any, raw: dict[str, Any], prefix: str = "") -> None:
                 raise TypeError(f"config key {name!r} is a section; got {value!r}")
             merge(current, value, name + ".")
         else:
-            setattr(cfg, key, value)
+            setattr(cfg, key, _coerce(value, typing.get_type_hints(type(cfg))[key], name))
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Numbers written as strings become numbers where the field is numeric: YAML 1.1 reads ``1e-2`` as a string."""
+    numeric = [t for t in (typing.get_args(hint) or (hint,)) if t in (int, float)]
+    if isinstance(value, str) and numeric:
+        try:
+            return float(value) if float in numeric else int(value)
+        except ValueError:
+            raise TypeError(f"config key {name!r} expects a number, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool) and float in numeric:
+        return float(value)
+    return value
 
 
 def preset_names() -> list[str]:

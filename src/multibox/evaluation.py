@@ -100,10 +100,13 @@ class CocoEvalResult:
     num_images: int = 0
     num_detections: int = 0
     backend: str = "faster"
+    voc: dict[str, float] = field(default_factory=dict)   # VOC07_mAP and VOC_mAP, for VOC data
 
     def to_json_dict(self) -> dict[str, Any]:
-        """``{"AP": .., ..., "ARl": .., "per_class": {name: AP}}`` (the ``eval.json`` body)."""
+        """``{"AP": .., ..., "ARl": .., "per_class": {name: AP}}`` (the ``eval.json`` body), plus the VOC metrics
+        when they were computed."""
         out: dict[str, Any] = {k: float(self.stats[k]) for k in STAT_KEYS}
+        out.update({k: float(v) for k, v in self.voc.items()})
         out["per_class"] = {name: float(v) for name, v in self.per_class.items()}
         return out
 

@@ -1,31 +1,75 @@
-"""From ``data.*`` config keys to datasets and loaders: resolve the source, hold out a split, attach transforms."""
+"""From ``data.*`` config keys to datasets and loaders: resolve the source, hold out a split, attach transforms.
+
+``data.path`` / ``data.val_path`` accept:
+
+* a COCO instances JSON (images next to it, under ``images/`` or under ``data.image_root``);
+* a Pascal VOC folder (``VOCdevkit/VOC2007``-style): trains on ``data.voc_split``; without ``val_path`` evaluates
+  ``data.val_split`` when that split exists, else a held-out part of the training split;
+* a packed-shard folder (``manifest.json``, made by ``multibox convert``);
+* ``synth``: the built-in demo data (generated on first use).
+
+Every source is a :class:`~multibox.data.coco.DetectionDataset`; evaluation scores against its ``coco_gt()``.
+"""
 from __future__ import annotations
 
+import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..config import Config
-from .coco import CocoDetection, collate_detection
-from .transforms import EvalTransform, TrainTransform
+from .coco import CocoDetection, DetectionDataset, collate_detection
+from .transforms import build_eval_transform, build_train_transform
+
+log = logging.getLogger("multibox.data")
+
+
+class SampleIndex(int):
+    """A dataset index that also carries the ``epoch`` and ``seed`` it was drawn for (an ``int`` everywhere else).
+
+    :class:`EpochShuffleSampler` (``keyed=True``) yields these; :class:`TransformedSubset` then calls a transform
+    that accepts keys (``transform.keyed``) with ``key=(seed, epoch, index)``, so the random augmentation of a
+    sample is a pure function of those three numbers: not of the worker that loads it, nor of what ran before.
+    """
+
+    epoch: int
+    seed: int
+
+    def __new__(cls, index: int, epoch: int, seed: int):
+        self = super().__new__(cls, index)
+        self.epoch, self.seed = int(epoch), int(seed)
+        return self
+
+    def __reduce__(self):   # DataLoader workers receive the indices pickled
+        return (SampleIndex, (int(self), self.epoch, self.seed))
+
+    def __repr__(self) -> str:
+        return f"SampleIndex({int(self)}, epoch={self.epoch}, seed={self.seed})"
 
 
 class TransformedSubset(Dataset):
-    """``dataset[indices[i]]`` passed through ``transform``."""
+    """``dataset[indices[i]]`` passed through ``transform`` (``None``, an unreadable image, passes through).
 
-    def __init__(self, dataset: CocoDetection, indices: Sequence[int], transform: Callable):
+    With a :class:`SampleIndex` ``i`` and a keyed transform, the transform gets ``key=(seed, epoch, i)``.
+    """
+
+    def __init__(self, dataset: DetectionDataset, indices: Sequence[int], transform: Callable):
         self.dataset, self.indices, self.transform = dataset, list(indices), transform
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        image, target = self.dataset[self.indices[i]]
-        return self.transform(image, target)
+        sample = self.dataset[self.indices[i]]
+        if sample is None:
+            return None
+        if isinstance(i, SampleIndex) and getattr(self.transform, "keyed", False):
+            return self.transform(*sample, key=(i.seed, i.epoch, int(i)))
+        return self.transform(*sample)
 
 
 @dataclass
@@ -36,12 +80,52 @@ class DataSplits:
     val: Dataset
     class_names: list[str]                 # index 0 = "background"
     label_to_category_id: dict[int, int]
-    val_gt: Any                            # COCO JSON path (or dict) of the evaluation set's ground truth
+    val_gt: Any                            # COCO dict (or JSON path) of the evaluation set's ground truth
     val_image_ids: list[int]
+    val_source_kind: str = "coco"          # "voc": VOC07 / VOC area mAP apply (multibox.voc_eval.evaluate_voc)
+    load_report: dict[str, dict[str, int]] = field(default_factory=dict)   # {"train": counts, "val": counts}
+
+
+def source_kind(path: str) -> str:
+    """``"synth"``, ``"shards"``, ``"voc"`` or ``"coco"`` for a ``data.path`` value (FileNotFoundError if none)."""
+    from .shards import is_shard_dir
+    from .voc import is_voc_root
+
+    if path == "synth":
+        return "synth"
+    p = Path(path)
+    if is_shard_dir(p):
+        return "shards"
+    if p.is_dir() and is_voc_root(p):
+        return "voc"
+    if p.is_file():
+        return "coco"
+    raise FileNotFoundError(f"data source {path!r}: not a COCO JSON file, a VOC folder (Annotations/, JPEGImages/, "
+                            "ImageSets/Main/), a packed-shard folder (manifest.json) or 'synth'")
+
+
+def open_dataset(path: str, cfg: Config, split: str | None = None) -> DetectionDataset:
+    """The dataset at ``path`` (no transform); ``split`` picks a VOC split (default ``data.voc_split``)."""
+    kind = source_kind(path)
+    dataset: DetectionDataset
+    if kind == "shards":
+        from .shards import ShardDataset
+        dataset = ShardDataset(path, verify=cfg.data.shard_verify, keep_crowd=cfg.data.keep_difficult,
+                               keep_empty=cfg.data.keep_empty)
+    elif kind == "voc":
+        from .voc import VOCDetection
+        dataset = VOCDetection(path, split=split or cfg.data.voc_split, keep_difficult=cfg.data.keep_difficult,
+                               keep_empty=cfg.data.keep_empty)
+    elif kind == "coco":
+        dataset = CocoDetection(path, image_root=cfg.data.image_root, keep_empty=cfg.data.keep_empty)
+    else:
+        raise ValueError("'synth' is resolved by resolve_sources")
+    dataset.max_image_pixels = int(cfg.data.max_image_pixels)   # larger images are refused before decoding
+    return dataset
 
 
 def resolve_sources(cfg: Config) -> tuple[str, str | None]:
-    """The training and (optional) validation annotation files; ``synth`` generates the demo dataset once."""
+    """The training and (optional) validation sources; ``synth`` generates the demo dataset once."""
     if cfg.data.path == "synth":
         from .synth import generate_demo_splits
         root = Path(cfg.data.synth_root)
@@ -58,33 +142,104 @@ def held_out_split(num_images: int, fraction: float, seed: int) -> tuple[list[in
     return sorted(indices[num_val:]), sorted(indices[:num_val])
 
 
+def _voc_val_split_exists(path: str, split: str | None) -> bool:
+    from .voc import find_voc_root
+    root = find_voc_root(path)
+    return bool(split) and root is not None and (root / "ImageSets" / "Main" / f"{split}.txt").is_file()
+
+
+def train_sample_transform(cfg: Config) -> Callable:
+    """The training set's per-sample transform: the whole augmentation (``data.pipeline: cpu``), or only drawing its
+    parameters, the image staying decoded uint8 (``batched``: the batch is augmented on the training device, see
+    :mod:`multibox.data.gpu_transforms`)."""
+    from .gpu_transforms import PIPELINES, build_sample_params
+
+    if cfg.data.pipeline not in PIPELINES:
+        raise ValueError(f"unknown data.pipeline {cfg.data.pipeline!r}; choose one of {PIPELINES}")
+    return build_train_transform(cfg) if cfg.data.pipeline == "cpu" else build_sample_params(cfg)
+
+
 def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSplits:
     train_src, val_src = resolve_sources(cfg)
-    train_full = CocoDetection(train_src, image_root=cfg.data.image_root)
-    size, mean, std = cfg.model.image_size, cfg.data.mean, cfg.data.std
+    train_full = open_dataset(train_src, cfg)
     if train_transform is None:
-        crop_rule = None if cfg.data.crop_rule == "none" else cfg.data.crop_rule
-        train_transform = TrainTransform(size=size, mean=mean, std=std, crop_rule=crop_rule,
-                                         flip_p=cfg.data.flip_p, jitter=tuple(cfg.data.jitter))
-    eval_transform = EvalTransform(size=size, mean=mean, std=std)
+        train_transform = train_sample_transform(cfg)
+    eval_transform = build_eval_transform(cfg)
+    val_full: DetectionDataset | None = None
     if val_src is not None:
-        val_full = CocoDetection(val_src, image_root=cfg.data.image_root)
+        val_full = train_full if val_src == train_src else open_dataset(val_src, cfg)
+    elif source_kind(train_src) == "voc" and _voc_val_split_exists(train_src, cfg.data.val_split) \
+            and cfg.data.val_split != cfg.data.voc_split:
+        from .voc import VOCDetection
+        val_full = VOCDetection(train_src, split=cfg.data.val_split, class_names=train_full.class_names[1:],
+                                keep_difficult=cfg.data.keep_difficult, keep_empty=True)
+        val_full.max_image_pixels = int(cfg.data.max_image_pixels)
+    if val_full is not None:
         if val_full.class_names != train_full.class_names:
-            raise ValueError(f"{val_src}: categories differ from {train_src}")
+            raise ValueError(f"{val_src}: categories {val_full.class_names[1:]} differ from {train_src}'s "
+                             f"{train_full.class_names[1:]}")
         train_idx, val_idx = list(range(len(train_full))), list(range(len(val_full)))
-        val_gt = val_src
     else:
         val_full = train_full
         train_idx, val_idx = held_out_split(len(train_full), cfg.data.val_fraction, cfg.train.seed)
-        val_gt = train_src
+    report = {"train": dict(train_full.load_report), "val": dict(val_full.load_report)}
+    for name, counts in report.items():
+        nonzero = {k: v for k, v in sorted(counts.items()) if v}
+        if nonzero:
+            log.info("%s data policy: %s", name, ", ".join(f"{k}={v}" for k, v in nonzero.items()))
     return DataSplits(
         train=TransformedSubset(train_full, train_idx, train_transform),
         val=TransformedSubset(val_full, val_idx, eval_transform),
         class_names=train_full.class_names,
         label_to_category_id=train_full.label_to_category_id,
-        val_gt=val_gt,
+        val_gt=val_full.coco_gt(),
         val_image_ids=[val_full.image_ids[i] for i in val_idx],
+        val_source_kind=val_full.source_kind,
+        load_report=report,
     )
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Training order for one of ``world_size`` ranks (a ``DistributedSampler`` whose order is independent of
+    the world size).
+
+    Epoch ``e`` draws one permutation of the dataset from a generator seeded with ``seed + e`` (the same
+    permutation a ``DataLoader(shuffle=True)`` reseeded that way draws, so single-process runs keep their
+    order); the tail that does not divide by ``world_size`` is dropped and rank ``r`` takes ``perm[r::world_size]``.
+    With per-rank batch B, global batch s is then ``perm[s*B*W : (s+1)*B*W]`` for every world size W: N ranks
+    with batch B/N see exactly the batches of one process with batch B. Call :meth:`set_epoch` every epoch.
+
+    ``keyed=True`` yields :class:`SampleIndex` (the index with its epoch and seed: per-sample augmentation
+    seeds). ``set_epoch(e, start=k)`` skips this rank's first ``k`` samples of epoch ``e`` (a run resumed in
+    the middle of an epoch: ``k`` = batches done x per-rank batch size); the next ``set_epoch`` resets it.
+    """
+
+    def __init__(self, num_samples: int, world_size: int = 1, rank: int = 0, seed: int = 0, keyed: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.num_samples, self.world_size, self.rank, self.seed, self.epoch = num_samples, world_size, rank, seed, 0
+        self.keyed, self.start = bool(keyed), 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples // self.world_size:
+            raise ValueError(f"cannot start epoch {epoch} at sample {start} of {self.num_samples // self.world_size}")
+        self.epoch, self.start = int(epoch), int(start)
+
+    def permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=g)   # the DataLoader's worker-seed draw comes first
+        return torch.randperm(self.num_samples, generator=g).tolist()
+
+    def __iter__(self):
+        perm = self.permutation()
+        usable = self.num_samples - self.num_samples % self.world_size
+        mine = perm[:usable][self.rank::self.world_size][self.start:]
+        if self.keyed:
+            return iter([SampleIndex(i, self.epoch, self.seed) for i in mine])
+        return iter(mine)
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size - self.start
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -93,9 +248,10 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                drop_last: bool = False, sampler=None) -> DataLoader:
+                drop_last: bool = False, sampler=None, collate_fn: Callable | None = None) -> DataLoader:
+    """``collate_fn`` defaults to :func:`collate_detection` (``data.pipeline: batched``: ``BatchAugment.collate``)."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=num_workers, collate_fn=collate_detection, drop_last=drop_last,
+                      num_workers=num_workers, collate_fn=collate_fn or collate_detection, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
                       worker_init_fn=_seed_worker, generator=generator)

@@ -21,15 +21,36 @@ Crop acceptance rules (``rule=``):
   window) has ``IoU(box, window) >= t``.
 
 Both also need at least one kept box (centre strictly inside, as the tutorial tests).
+
+The paper's augmentation (``ssd300-vgg16`` / ``ssd512-vgg16``; Liu et al. 2016, §2.2 "Data augmentation" and §3.6,
+as the released Caffe model and ssd.pytorch do it) adds to that:
+
+* photometric distortion (:func:`sample_photometric`, :func:`photometric_distort`): brightness delta, contrast,
+  saturation and hue, each with p = 0.5, contrast either first or last;
+* zoom-out ("expand", p = 0.5): the image is placed at a random position on a canvas ``r`` times its size,
+  ``r ~ U[1, zoom_out]``, filled with the mean; the IoU crop is then drawn on that canvas. The canvas is never
+  built: the final window is known in canvas coordinates, so only the S x S output is allocated, filled with the
+  mean, and the visible part of the source is resized once and pasted into it.
+
+Resizing (``resize=``): ``"antialias"`` resizes the uint8 image with antialiasing; ``"torchvision"`` reproduces
+torchvision's detection preprocessing (GeneralizedRCNNTransform): [0, 1] pixels normalised first, then a bilinear
+resize of the float image without antialiasing (``align_corners=False``). Resizing and normalising commute up to
+float rounding; the order is torchvision's so converted torchvision weights see bit-identical inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import NamedTuple, Sequence
+import struct
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 __all__ = [
     "TUTORIAL_MEAN",
@@ -40,12 +61,22 @@ __all__ = [
     "random_sample_crop",
     "TrainTransform",
     "EvalTransform",
+    "RESIZE_MODES",
+    "sample_zoom_out",
+    "sample_photometric",
+    "photometric_distort",
+    "adjust_saturation_hsv",
+    "zoom_out_paste_geometry",
+    "build_train_transform",
+    "build_eval_transform",
+    "keyed_generator",
 ]
 
 # The tutorial's normalisation, in 0..255 pixel units.
 TUTORIAL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 TUTORIAL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 DEFAULT_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9)
+RESIZE_MODES = ("antialias", "torchvision")
 
 
 class CropSample(NamedTuple):
@@ -174,8 +205,127 @@ def random_sample_crop(
     return s.window, s.boxes, s.labels
 
 
+# ---------------------------------------------------------------------------------------------- paper augmentation
+
+def sample_zoom_out(
+    width: int, height: int, max_ratio: float, p: float = 0.5, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int] | None:
+    """Draw the paper's zoom-out ("expand"): with probability ``p`` a canvas ``r`` times the image, ``r ~ U[1,
+    max_ratio]``, and the image's top-left corner on it, as ssd.pytorch's ``Expand``.
+
+    Returns:
+        ``(canvas_width, canvas_height, left, top)`` ints (canvas = ``int(side·r)``, offsets ``int(U[0, side·r -
+        side])``, so the image always fits), or None (no zoom-out, also when ``max_ratio <= 1``).
+        Four numbers are drawn from ``generator`` whenever ``max_ratio > 1``.
+    """
+    if max_ratio <= 1:
+        return None
+    u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+    if u[0] >= p:
+        return None
+    ratio = 1.0 + (max_ratio - 1.0) * u[1]
+    left = int(u[2] * (width * ratio - width))
+    top = int(u[3] * (height * ratio - height))
+    return int(width * ratio), int(height * ratio), left, top
+
+
+def sample_photometric(generator: torch.Generator | None = None, p: float = 0.5) -> dict:
+    """Parameters of the paper's photometric distortion (the released Caffe model's ``distort_param``, ssd.pytorch's
+    ``PhotometricDistort``): each of brightness (delta ~ U[-32, 32] in 0..255 units), contrast (factor ~ U[0.5,
+    1.5]), saturation (factor ~ U[0.5, 1.5]) and hue (shift ~ U[-18°, 18°]) is applied with probability ``p``
+    (neutral values otherwise); contrast comes first or last with equal probability. Nine numbers are drawn."""
+    u = torch.rand(9, generator=generator, dtype=torch.float64).tolist()
+    return {
+        "brightness_delta": (u[1] * 64.0 - 32.0) if u[0] < p else 0.0,
+        "contrast": (0.5 + u[3]) if u[2] < p else 1.0,
+        "saturation": (0.5 + u[5]) if u[4] < p else 1.0,
+        "hue_degrees": (u[7] * 36.0 - 18.0) if u[6] < p else 0.0,
+        "contrast_first": u[8] < 0.5,
+    }
+
+
+def adjust_saturation_hsv(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Scale HSV saturation by ``factor`` (clamped to S <= 1), keeping hue and value, on a (3, H, W) float image
+    in any non-negative range.
+
+    In HSV every channel is ``c = V·(1 - S·g_c(H))``, so ``V - c`` is proportional to S: scaling S by k moves each
+    channel to ``V - k·(V - c)``. No colour-space round trip is needed. (torchvision's ``adjust_saturation`` blends
+    with the grey *luminance* image instead, a different operation.)
+    """
+    if factor == 1.0:
+        return x
+    v = x.amax(dim=0, keepdim=True)
+    spread = v - x.amin(dim=0, keepdim=True)
+    # k = min(factor, 1/S) with S = spread / V; written without dividing by zero (spread = 0: grey, unchanged).
+    k = torch.where(spread * factor > v, v / spread.clamp(min=1e-12), torch.full_like(v, factor))
+    return v - (v - x) * k
+
+
+def photometric_distort(x: torch.Tensor, params: dict) -> torch.Tensor:
+    """Apply :func:`sample_photometric`'s parameters to a (3, H, W) float image in 0..255 units (in place where
+    possible). Values are clamped to [0, 255] after each step, as the Caffe implementation's 8-bit images are."""
+    if params["brightness_delta"] != 0.0:
+        x = x.add_(params["brightness_delta"]).clamp_(0.0, 255.0)
+    if params["contrast_first"] and params["contrast"] != 1.0:
+        x = x.mul_(params["contrast"]).clamp_(0.0, 255.0)
+    if params["saturation"] != 1.0:
+        x = adjust_saturation_hsv(x, params["saturation"])
+    if params["hue_degrees"] != 0.0:
+        x = F.adjust_hue(x.div_(255.0), params["hue_degrees"] / 360.0).mul_(255.0)
+    if not params["contrast_first"] and params["contrast"] != 1.0:
+        x = x.mul_(params["contrast"]).clamp_(0.0, 255.0)
+    return x
+
+
+def zoom_out_paste_geometry(
+    window: tuple[int, int, int, int], image_rect: tuple[int, int, int, int], size: int
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
+    """Where the source image lands in the S x S output when ``window`` (canvas coordinates) is resized to S x S.
+
+    Args:
+        window: crop window (x1, y1, x2, y2) on the canvas.
+        image_rect: the source image's rectangle (left, top, left + W, top + H) on the canvas.
+        size: output side S.
+    Returns:
+        ``(source_xyxy, output_xyxy)``: the visible part of the source in source pixels, and the output rectangle
+        it is resized to (corners rounded to whole output pixels, so at most half a pixel off per edge); None when
+        nothing of the source is visible.
+    """
+    wx1, wy1, wx2, wy2 = window
+    ix1, iy1, ix2, iy2 = image_rect
+    vx1, vy1, vx2, vy2 = max(wx1, ix1), max(wy1, iy1), min(wx2, ix2), min(wy2, iy2)
+    if vx2 <= vx1 or vy2 <= vy1:
+        return None
+    sx, sy = size / (wx2 - wx1), size / (wy2 - wy1)
+    ox1, ox2 = round((vx1 - wx1) * sx), round((vx2 - wx1) * sx)
+    oy1, oy2 = round((vy1 - wy1) * sy), round((vy2 - wy1) * sy)
+    if ox2 <= ox1 or oy2 <= oy1:
+        return None
+    return (vx1 - ix1, vy1 - iy1, vx2 - ix1, vy2 - iy1), (ox1, oy1, ox2, oy2)
+
+
+def _resize_to(image: torch.Tensor, top: int, left: int, height: int, width: int, out_hw: list[int],
+               mode: str) -> torch.Tensor:
+    """Crop (a view) and resize a uint8 image once; "torchvision" mode: bilinear without antialiasing."""
+    if top == 0 and left == 0 and (height, width) == tuple(image.shape[-2:]) and list(out_hw) == [height, width]:
+        return image
+    return F.resized_crop(image, top, left, height, width, out_hw, antialias=(mode == "antialias"))
+
+
 def _normalise(image_f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return image_f.sub_(mean).div_(std)
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A fresh generator seeded by a stable hash of integers (e.g. ``(seed, epoch, sample index)``).
+
+    Training draws each sample's augmentation from ``keyed_generator(seed, epoch, index)``: the augmentation is
+    then a pure function of those numbers, whatever the process, the DataLoader worker, the world size or the
+    history (a run resumed in the middle of an epoch sees exactly the crops of an uninterrupted one).
+    """
+    packed = struct.pack(f"<{len(key)}Q", *(int(k) % 2**64 for k in key))
+    digest = hashlib.blake2b(packed, digest_size=8, person=b"multibox-aug").digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
 class _SeededMixin:
@@ -211,7 +361,8 @@ class _SeededMixin:
 
 
 class TrainTransform(_SeededMixin):
-    """Training augmentation: crop -> resize -> flip -> colour jitter -> normalise.
+    """Training augmentation: [zoom-out] -> crop -> resize -> flip -> [photometric distortion] -> colour jitter
+    -> normalise.
 
     Args:
         size: output side S.
@@ -222,10 +373,23 @@ class TrainTransform(_SeededMixin):
             in this fixed order (0 disables one).
         min_ious: crop thresholds to choose from (None = whole image).
         seed: see :class:`_SeededMixin`.
+        photometric: the paper's photometric distortion (:func:`sample_photometric`).
+        zoom_out: largest zoom-out ratio (the paper: 4); <= 1 disables it (:func:`sample_zoom_out`).
+        zoom_out_p: probability of a zoom-out.
+        fill: the zoom-out canvas colour in 0..255 units (default: ``mean``, which normalises to 0).
+        resize: "antialias" or "torchvision" (see the module docstring).
 
+    Random numbers are drawn in this order: zoom-out (only if enabled), crop, flip and jitter, photometric (only if
+    enabled); with both disabled the stream, and so every output, is the same as without these options.
     ``last_params`` holds the parameters of the most recent call (for tests / debugging);
     :meth:`apply` replays given parameters.
+
+    Called with ``key=(seed, epoch, index)`` (as training does, see :class:`multibox.data.build.SampleIndex`), the
+    numbers come from :func:`keyed_generator` of ``key`` (and of ``seed`` when one was given) instead of the
+    transform's running stream: a pure function of the key.
     """
+
+    keyed = True   # accepts ``key=``: TransformedSubset passes (seed, epoch, index) when the sampler provides them
 
     def __init__(
         self,
@@ -237,9 +401,16 @@ class TrainTransform(_SeededMixin):
         jitter: Sequence[float] = (0.4, 0.4, 0.4),
         min_ious: Sequence[float | None] = DEFAULT_MIN_IOUS,
         seed: int | None = None,
+        photometric: bool = False,
+        zoom_out: float = 0.0,
+        zoom_out_p: float = 0.5,
+        fill: Sequence[float] | None = None,
+        resize: str = "antialias",
     ) -> None:
         if crop_rule not in ("tutorial", "paper", None):
             raise ValueError(f"unknown crop_rule {crop_rule!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
         self.size = int(size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -248,22 +419,39 @@ class TrainTransform(_SeededMixin):
         self.jitter = tuple(float(j) for j in jitter)
         self.min_ious = tuple(min_ious)
         self.seed = seed
+        self.photometric = bool(photometric)
+        self.zoom_out = float(zoom_out or 0.0)
+        self.zoom_out_p = float(zoom_out_p)
+        fill_255 = torch.tensor(mean if fill is None else fill, dtype=torch.float32).view(3, 1, 1)
+        self.fill_normalised = (fill_255 - self.mean) / self.std
+        self.resize = resize
         self._gen = None
         self._gen_key = None
         self.last_params: dict | None = None
 
-    def sample_params(self, image_size: tuple[int, int], target: dict) -> dict:
-        """Draw the random parameters for one image of size (H, W)."""
-        g = self._generator()
+    def sample_params(self, image_size: tuple[int, int], target: dict,
+                      generator: torch.Generator | None = None) -> dict:
+        """Draw the random parameters for one image of size (H, W) (from ``generator`` if given, else from the
+        transform's own stream).
+
+        ``window`` and ``boxes`` are in the coordinates of the zoom-out canvas when ``expand`` (``(canvas_width,
+        canvas_height, left, top)``) is set, of the image otherwise.
+        """
+        g = generator if generator is not None else self._generator()
         height, width = image_size
-        boxes, labels = target["boxes"], target["labels"]
+        boxes, labels = target["boxes"].reshape(-1, 4).float(), target["labels"]
+        expand = sample_zoom_out(width, height, self.zoom_out, self.zoom_out_p, g)
+        if expand is not None:
+            width, height, left, top = expand
+            boxes = boxes + torch.tensor([left, top, left, top], dtype=boxes.dtype)
         if self.crop_rule is not None and boxes.shape[0] > 0:
             crop = sample_crop_window(boxes, labels, width, height, g, self.crop_rule, self.min_ious)
         else:
-            crop = CropSample(None, boxes.reshape(-1, 4).float(), labels, None)
+            crop = CropSample(None, boxes, labels, None)
         u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
         b, c, s = self.jitter
         return {
+            "expand": expand,
             "window": crop.window,
             "min_iou": crop.min_iou,
             "boxes": crop.boxes,
@@ -272,20 +460,50 @@ class TrainTransform(_SeededMixin):
             "brightness": 1.0 + b * (2.0 * u[1] - 1.0),
             "contrast": 1.0 + c * (2.0 * u[2] - 1.0),
             "saturation": 1.0 + s * (2.0 * u[3] - 1.0),
+            "photometric": sample_photometric(g) if self.photometric else None,
         }
+
+    def _colour(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        """uint8-valued float (3, h, w) in 0..255 -> photometric distortion, jitter, normalisation."""
+        if params.get("photometric") is not None:
+            x = photometric_distort(x, params["photometric"])
+        # Jitter in float [0, 1] (no re-quantisation between the three ops), then normalise.
+        x = x.div_(255.0)
+        if params["brightness"] != 1.0:
+            x = F.adjust_brightness(x, params["brightness"])
+        if params["contrast"] != 1.0:
+            x = F.adjust_contrast(x, params["contrast"])
+        if params["saturation"] != 1.0:
+            x = F.adjust_saturation(x, params["saturation"])
+        return _normalise(x.mul_(255.0), self.mean, self.std)
 
     def apply(self, image: torch.Tensor, target: dict, params: dict) -> tuple[torch.Tensor, dict]:
         """Apply ``params`` (from :meth:`sample_params`) to ``image`` uint8 (3, H, W)."""
         height, width = int(image.shape[-2]), int(image.shape[-1])
-        window = params["window"] or (0, 0, width, height)
-        x1, y1, x2, y2 = window
-        # One crop + resize: the crop is a strided view, so only the output is allocated.
-        out = F.resized_crop(image, y1, x1, y2 - y1, x2 - x1, [self.size, self.size], antialias=True)
+        expand = params.get("expand")
+        if expand is None:
+            window = params["window"] or (0, 0, width, height)
+            x1, y1, x2, y2 = window
+            # One crop + resize: the crop is a strided view, so only the output is allocated.
+            out = _resize_to(image, y1, x1, y2 - y1, x2 - x1, [self.size, self.size], self.resize)
+            x = self._colour(out.float(), params)
+        else:
+            canvas_w, canvas_h, left, top = expand
+            window = params["window"] or (0, 0, canvas_w, canvas_h)
+            x1, y1, x2, y2 = window
+            # The canvas is never built: the output starts as the (normalised) fill and receives the visible part
+            # of the source, resized once to where it lands.
+            x = self.fill_normalised.expand(3, self.size, self.size).clone()
+            placed = zoom_out_paste_geometry(window, (left, top, left + width, top + height), self.size)
+            if placed is not None:
+                (sx1, sy1, sx2, sy2), (ox1, oy1, ox2, oy2) = placed
+                patch = _resize_to(image, sy1, sx1, sy2 - sy1, sx2 - sx1, [oy2 - oy1, ox2 - ox1], self.resize)
+                x[:, oy1:oy2, ox1:ox2] = self._colour(patch.float(), params)
         boxes = params["boxes"].clone()
         boxes[:, 0::2] /= float(x2 - x1)
         boxes[:, 1::2] /= float(y2 - y1)
         if params["flip"]:
-            out = out.flip(-1)
+            x = x.flip(-1)
             boxes = torch.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], dim=1)
         boxes = boxes.clamp_(0.0, 1.0)
         labels = params["labels"]
@@ -293,23 +511,17 @@ class TrainTransform(_SeededMixin):
         if not bool(keep.all()):
             boxes, labels = boxes[keep], labels[keep]
 
-        # Jitter in float [0, 1] (no re-quantisation between the three ops), then normalise.
-        x = out.float().div_(255.0)
-        if params["brightness"] != 1.0:
-            x = F.adjust_brightness(x, params["brightness"])
-        if params["contrast"] != 1.0:
-            x = F.adjust_contrast(x, params["contrast"])
-        if params["saturation"] != 1.0:
-            x = F.adjust_saturation(x, params["saturation"])
-        x = _normalise(x.mul_(255.0), self.mean, self.std)
-
         new_target = dict(target)
         new_target["boxes"] = boxes.to(torch.float32).reshape(-1, 4)
         new_target["labels"] = labels
         return x, new_target
 
-    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        params = self.sample_params((int(image.shape[-2]), int(image.shape[-1])), target)
+    def __call__(self, image: torch.Tensor, target: dict,
+                 key: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
+        generator = None
+        if key is not None:
+            generator = keyed_generator(*(() if self.seed is None else (int(self.seed),)), *key)
+        params = self.sample_params((int(image.shape[-2]), int(image.shape[-1])), target, generator)
         self.last_params = params
         return self.apply(image, target, params)
 
@@ -320,20 +532,39 @@ class EvalTransform:
     Args:
         size: output side S.
         mean, std: per-channel normalisation in 0..255 pixel units.
+        resize: "antialias" (uint8 resize with antialiasing, then normalise) or "torchvision" (torchvision's SSD
+            preprocessing, exactly: ``(x/255 - mean/255) / (std/255)``, then bilinear interpolation of the float
+            image, ``align_corners=False``, no antialiasing).
     """
 
     def __init__(
-        self, size: int = 300, mean: Sequence[float] = TUTORIAL_MEAN, std: Sequence[float] = TUTORIAL_STD
+        self, size: int = 300, mean: Sequence[float] = TUTORIAL_MEAN, std: Sequence[float] = TUTORIAL_STD,
+        resize: str = "antialias",
     ) -> None:
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
         self.size = int(size)
+        self.resize = resize
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # torchvision's constants in [0, 1] units, rounded to float32 from float64 as torchvision's are.
+        self.mean_01 = torch.tensor([m / 255.0 for m in mean], dtype=torch.float32).view(3, 1, 1)
+        self.std_01 = torch.tensor([v / 255.0 for v in std], dtype=torch.float32).view(3, 1, 1)
+
+    def _image(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        if self.resize == "torchvision":
+            x = (image.float() / 255.0 - self.mean_01) / self.std_01
+            if (height, width) != (self.size, self.size):
+                x = nnf.interpolate(x[None], size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+            return x
+        if (height, width) != (self.size, self.size):
+            image = F.resize(image, [self.size, self.size], antialias=True)
+        return _normalise(image.float(), self.mean, self.std)
 
     def __call__(self, image: torch.Tensor, target: dict | None = None):
         height, width = int(image.shape[-2]), int(image.shape[-1])
-        if (height, width) != (self.size, self.size):
-            image = F.resize(image, [self.size, self.size], antialias=True)
-        x = _normalise(image.float(), self.mean, self.std)
+        x = self._image(image)
         if target is None:
             return x, None
         new_target = dict(target)
@@ -341,3 +572,17 @@ class EvalTransform:
         scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         new_target["boxes"] = (boxes / scale).clamp_(0.0, 1.0)
         return x, new_target
+
+
+def build_train_transform(cfg: "Config", seed: int | None = None) -> TrainTransform:
+    """The training transform that ``cfg.data`` describes (crop rule "none" disables the crop)."""
+    d = cfg.data
+    return TrainTransform(
+        size=cfg.model.image_size, mean=d.mean, std=d.std, crop_rule=None if d.crop_rule == "none" else d.crop_rule,
+        flip_p=d.flip_p, jitter=tuple(d.jitter), seed=seed, photometric=d.photometric, zoom_out=d.zoom_out,
+        zoom_out_p=d.zoom_out_p, resize=d.resize)
+
+
+def build_eval_transform(cfg: "Config") -> EvalTransform:
+    """The evaluation / inference transform that ``cfg`` describes (``data.resize`` included)."""
+    return EvalTransform(cfg.model.image_size, cfg.data.mean, cfg.data.std, resize=cfg.data.resize)

@@ -7,7 +7,7 @@ from ..anchors import AnchorSpec, default_boxes_cxcywh, tutorial_scales
 from ..config import AnchorConfig, Config
 from .ssd import SSD
 from .tiny import TinyBackbone
-from .vgg import TutorialVGG16Backbone
+from .vgg import PaperVGG16Backbone, TutorialVGG16Backbone, init_paper_ssd
 
 
 def anchor_spec(anchors: AnchorConfig, image_size: int) -> AnchorSpec:
@@ -16,12 +16,18 @@ def anchor_spec(anchors: AnchorConfig, image_size: int) -> AnchorSpec:
                       anchors.clip, anchors.extra_box_second)
 
 
+# The paper's VGG16 trunks: arch name -> SSD512's extra level (see PaperVGG16Backbone).
+PAPER_ARCHS = {"ssd300_vgg16": False, "ssd512_vgg16": True}
+
+
 def build_backbone(cfg: Config) -> nn.Module:
     arch = cfg.model.arch
     if arch == "tiny":
         return TinyBackbone(cfg.model.widths)
     if arch == "ssd300_vgg16_seed":
         return TutorialVGG16Backbone(cfg.model.dropout)
+    if arch in PAPER_ARCHS:
+        return PaperVGG16Backbone(highres=PAPER_ARCHS[arch])
     raise ValueError(f"unknown model.arch {arch!r}")
 
 
@@ -43,7 +49,11 @@ def init_weights(model: nn.Module, scheme: str) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_model(cfg: Config) -> SSD:
+def build_model(cfg: Config, load_backbone_weights: bool = True) -> SSD:
+    """The network of ``cfg``, initialised per ``model.init``; then, if ``model.backbone_weights`` names a file and
+    ``load_backbone_weights`` is true, ImageNet VGG16 weights from it (see :func:`multibox.interop.load_vgg16_backbone`).
+    Pass ``load_backbone_weights=False`` when a full state dict is loaded next (a checkpoint): the file is then
+    neither needed nor read."""
     spec = anchor_spec(cfg.anchors, cfg.model.image_size)
     backbone = build_backbone(cfg)
     if len(backbone.out_channels) != len(spec.feature_sizes):
@@ -51,9 +61,15 @@ def build_model(cfg: Config) -> SSD:
                          f"anchors.feature_sizes has {len(spec.feature_sizes)}")
     model = SSD(backbone, backbone.out_channels, spec.boxes_per_location(), cfg.model.num_classes,
                 default_boxes_cxcywh(spec), head=cfg.model.head)
-    init_weights(model, cfg.model.init)
+    if cfg.model.init == "xavier":
+        init_paper_ssd(model)
+    else:
+        init_weights(model, cfg.model.init)
     if cfg.model.class_prior is not None:
         model.init_class_prior(cfg.model.class_prior)
+    if cfg.model.backbone_weights and load_backbone_weights:
+        from ..interop import load_vgg16_backbone   # deferred: interop imports this module
+        load_vgg16_backbone(model, cfg.model.backbone_weights)
     return model
 
 

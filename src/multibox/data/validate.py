@@ -1,0 +1,519 @@
+"""``multibox check-data SRC``: find every problem of a dataset, with its file and annotation id.
+
+Sources: a COCO instances JSON (images next to it, under ``images/`` or under ``--image-root``), a Pascal VOC
+folder, or a packed-shard folder (checksums and every row are verified).
+
+Problem kinds (``Problem.kind``) and what training does about them (the policy of :mod:`multibox.data.coco`):
+
+======================  ========  =================================================================
+kind                    severity  training
+======================  ========  =================================================================
+missing_image           error     image skipped (``Batch.skipped``)
+unreadable_image        error     image skipped (empty file, not an image, undecodable)
+truncated_image         error     image skipped
+oversized_image         error     image skipped: its header declares more than ``data.max_image_pixels``
+                                  pixels (a decompression bomb?); refused before decoding
+wrong_extension         warning   decoded by content (a PNG named .jpg)
+bad_annotation_file     error     (VOC XML / shard / COCO JSON) image, shard or whole file unusable (invalid
+                                  JSON with line and column, XML entity declarations, ...)
+malformed_annotation    error     (COCO) the file is refused (``CocoFormatError``): an item of the wrong
+                                  JSON type, named by its field, e.g. ``annotations[12].bbox``
+duplicate_image_id      error     later image with the id ignored
+duplicate_category_id   error     later category with the id ignored
+duplicate_annotation_id warning   renumbered
+unknown_image_id        error     annotation dropped
+unknown_category_id     error     annotation dropped
+nan_box                 error     annotation dropped (NaN / inf / malformed bbox)
+zero_size_box           warning   box dropped (width or height 0)
+negative_box            warning   box dropped (negative width or height)
+out_of_image_box        warning   box clipped to the image (dropped if nothing is left)
+size_mismatch           warning   boxes clipped to the decoded size
+exif_rotated            warning   EXIF orientation applied before use
+grayscale_image         warning   converted to RGB
+palette_image           warning   converted to RGB
+rgba_image              warning   alpha channel dropped
+cmyk_image              warning   converted to RGB
+16bit_image             warning   scaled to 8 bit (x / 256)
+unknown_class_name      warning   (VOC) a name outside the 20 VOC classes in a set that uses them: the set
+                                  is then read as a custom one (sorted names found): a typo?
+======================  ========  =================================================================
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .coco import DEFAULT_MAX_IMAGE_PIXELS, CocoFormatError, coco_structure_errors, parse_coco_json
+
+__all__ = ["Problem", "Report", "check_dataset", "check_coco", "check_voc", "check_shards", "inspect_image_bytes",
+           "add_check_data_parser", "run_check_data"]
+
+SEVERITY = {
+    "missing_image": "error", "unreadable_image": "error", "truncated_image": "error",
+    "oversized_image": "error", "wrong_extension": "warning", "malformed_annotation": "error",
+    "bad_annotation_file": "error", "duplicate_image_id": "error", "duplicate_category_id": "error",
+    "duplicate_annotation_id": "warning", "unknown_image_id": "error", "unknown_category_id": "error",
+    "nan_box": "error", "zero_size_box": "warning", "negative_box": "warning", "out_of_image_box": "warning",
+    "size_mismatch": "warning", "exif_rotated": "warning", "grayscale_image": "warning",
+    "palette_image": "warning", "rgba_image": "warning", "cmyk_image": "warning", "16bit_image": "warning",
+    "unknown_class_name": "warning",
+}
+
+
+@dataclass
+class Problem:
+    """One finding. ``file``: the image (or annotation/shard) file it concerns; ids where they apply."""
+
+    kind: str
+    file: str
+    message: str
+    image_id: Any = None
+    ann_id: Any = None
+
+    @property
+    def severity(self) -> str:
+        return SEVERITY.get(self.kind, "error")
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.ann_id is not None:
+            where += f" [annotation {self.ann_id}]"
+        elif self.image_id is not None:
+            where += f" [image {self.image_id}]"
+        return f"{self.severity}: {where}: {self.kind}: {self.message}"
+
+
+@dataclass
+class Report:
+    source: str
+    kind: str
+    num_images: int = 0
+    num_annotations: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def add(self, kind: str, file: str | os.PathLike, message: str, image_id=None, ann_id=None) -> None:
+        self.problems.append(Problem(kind, str(file), message, image_id, ann_id))
+
+    @property
+    def counts(self) -> Counter:
+        return Counter(p.kind for p in self.problems)
+
+    @property
+    def num_errors(self) -> int:
+        return sum(p.severity == "error" for p in self.problems)
+
+    def by_kind(self, kind: str) -> list[Problem]:
+        return [p for p in self.problems if p.kind == kind]
+
+    def summary(self) -> str:
+        lines = [f"{self.source} ({self.kind}): {self.num_images} images, {self.num_annotations} annotations, "
+                 f"{self.num_errors} errors, {len(self.problems) - self.num_errors} warnings"]
+        for kind, n in sorted(self.counts.items()):
+            lines.append(f"  {kind:<24} {SEVERITY.get(kind, 'error'):<8} {n}")
+        if not self.problems:
+            lines.append("  no problems found")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "kind": self.kind, "num_images": self.num_images,
+                "num_annotations": self.num_annotations, "counts": dict(self.counts),
+                "problems": [{**asdict(p), "severity": p.severity} for p in self.problems]}
+
+
+# --------------------------------------------------------------------------- images
+
+_MODE_KIND = {"L": "grayscale_image", "LA": "grayscale_image", "1": "grayscale_image", "P": "palette_image",
+              "PA": "palette_image", "RGBA": "rgba_image", "CMYK": "cmyk_image", "I;16": "16bit_image",
+              "I;16B": "16bit_image", "I;16L": "16bit_image", "I": "16bit_image", "F": "16bit_image"}
+
+
+def _png_bit_depth(data: bytes) -> int | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 25 and data[12:16] == b"IHDR":
+        return data[24]
+    return None
+
+
+# Which file name suffixes each PIL format is expected under (a PNG named .jpg is reported, and decoded anyway).
+_FORMAT_SUFFIXES = {
+    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"}, "MPO": {".jpg", ".jpeg", ".mpo"}, "PNG": {".png"},
+    "GIF": {".gif"}, "BMP": {".bmp", ".dib"}, "TIFF": {".tif", ".tiff"}, "WEBP": {".webp"}, "AVIF": {".avif"},
+    "PPM": {".ppm", ".pgm", ".pbm", ".pnm"}, "JPEG2000": {".jp2", ".j2k", ".jpx"},
+}
+_IMAGE_SUFFIXES = set().union(*_FORMAT_SUFFIXES.values())
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    return bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+
+
+def inspect_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                        ) -> tuple[dict, list[tuple[str, str]]]:
+    """Open and fully decode ``data`` with PIL. Returns (info, [(kind, message)]).
+
+    info: ``format``, ``mode``, ``raw_size`` (w, h as stored), ``size`` (w, h as displayed, EXIF applied),
+    ``orientation``. An image whose header declares more than ``max_pixels`` pixels is reported as
+    ``oversized_image`` and not decoded.
+    """
+    import io
+
+    from PIL import Image
+
+    if len(data) == 0:
+        return {}, [("unreadable_image", "empty file (0 bytes)")]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit decides
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        return {}, [("oversized_image", f"refused before decoding: {err}")]
+    except Exception as err:  # UnidentifiedImageError, and assorted errors from broken headers
+        hint = "; the file holds text" if _looks_like_text(data) else ""
+        why = "unknown format" if isinstance(err, Image.UnidentifiedImageError) else f"{type(err).__name__}: {err}"
+        return {}, [("unreadable_image", f"not a readable image ({why}){hint}")]
+    problems: list[tuple[str, str]] = []
+    with im:
+        raw_w, raw_h = im.size
+        if max_pixels is not None and raw_w * raw_h > max_pixels:
+            return {"format": im.format, "mode": im.mode, "raw_size": (raw_w, raw_h)}, [(
+                "oversized_image", f"the header declares {raw_w}x{raw_h} = {raw_w * raw_h / 1e6:.1f} Mpx, above "
+                f"the limit of {max_pixels / 1e6:.1f} Mpx (data.max_image_pixels): refused before decoding")]
+        try:
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception:  # a broken EXIF block must not hide the image's other problems
+            orientation = 1
+        info = {"format": im.format, "mode": im.mode, "raw_size": (raw_w, raw_h), "orientation": orientation,
+                "size": (raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h)}
+        try:
+            im.load()
+        except OSError as err:
+            kind = "truncated_image" if "truncated" in str(err).lower() else "unreadable_image"
+            return info, [(kind, f"cannot decode ({err})")]
+        except Exception as err:  # decoders raise assorted errors on corrupt data
+            return info, [("unreadable_image", f"cannot decode ({type(err).__name__}: {err})")]
+    mode = info["mode"]
+    if _png_bit_depth(data) == 16 and mode not in ("I;16", "I;16B", "I;16L", "I"):
+        problems.append(("16bit_image", f"16-bit PNG (mode {mode}); scaled to 8 bit"))
+    elif mode in _MODE_KIND:
+        how = "scaled to 8-bit RGB (x / 256)" if _MODE_KIND[mode] == "16bit_image" else "converted to 8-bit RGB"
+        problems.append((_MODE_KIND[mode], f"colour mode {mode}; {how}"))
+    elif mode != "RGB":
+        problems.append(("grayscale_image" if mode.startswith("L") else "palette_image",
+                         f"colour mode {mode}; converted to 8-bit RGB"))
+    if orientation != 1:
+        problems.append(("exif_rotated", f"EXIF orientation {orientation}: stored {raw_w}x{raw_h}, used as "
+                                         f"{info['size'][0]}x{info['size'][1]}"))
+    return info, problems
+
+
+def _check_image_file(path: Path | None, name: str, image_id, expected_wh: tuple[int, int] | None,
+                      read=None, file_name: str | None = None,
+                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Problem]:
+    """Problems of one image (``read`` overrides how bytes are fetched, e.g. from a shard; ``file_name`` is the
+    name whose suffix must match the content, default ``name``)."""
+    if read is None:
+        if path is None or not path.is_file():
+            return [Problem("missing_image", name, "image file not found", image_id)]
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            return [Problem("unreadable_image", str(path), f"cannot read ({err})", image_id)]
+        where = str(path)
+    else:
+        try:
+            data, where = read()
+        except Exception as err:
+            return [Problem("unreadable_image", name, str(err), image_id)]
+    info, found = inspect_image_bytes(data, max_pixels)
+    out = [Problem(kind, where, msg, image_id) for kind, msg in found]
+    suffix = Path(file_name or name).suffix.lower()
+    fmt = info.get("format")
+    if fmt in _FORMAT_SUFFIXES and suffix in _IMAGE_SUFFIXES and suffix not in _FORMAT_SUFFIXES[fmt]:
+        out.append(Problem("wrong_extension", where, f"the file is a {fmt} image named {suffix}; decoded by its "
+                                                     "content", image_id))
+    if "size" in info and expected_wh and all(expected_wh) and not any(
+            k in ("unreadable_image", "truncated_image", "oversized_image") for k, _ in found):
+        w, h = info["size"]
+        if (w, h) != tuple(expected_wh):
+            rotated = info["orientation"] != 1 and info["raw_size"] == tuple(expected_wh)
+            hint = " (the annotation has the stored, un-rotated size: check the boxes' frame)" if rotated else ""
+            out.append(Problem("size_mismatch", where, f"annotation says {expected_wh[0]}x{expected_wh[1]}, "
+                                                       f"image is {w}x{h}{hint}", image_id))
+    return out
+
+
+def _run_image_checks(jobs: list[tuple], workers: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+                      ) -> list[Problem]:
+    def one(job: tuple) -> list[Problem]:
+        return _check_image_file(*job, max_pixels=max_pixels)
+    if workers <= 1:
+        return [p for job in jobs for p in one(job)]
+    with ThreadPoolExecutor(workers) as pool:   # PIL decoders release the GIL
+        return [p for ps in pool.map(one, jobs) for p in ps]
+
+
+def _box_problems(report: Report, file: str, image_id, ann_id, ltwh: list[float], wh: tuple[int, int] | None):
+    x, y, w, h = ltwh
+    if w == 0 or h == 0:
+        report.add("zero_size_box", file, f"bbox {ltwh} has zero width or height", image_id, ann_id)
+        return
+    if w < 0 or h < 0:
+        report.add("negative_box", file, f"bbox {ltwh} has negative width or height", image_id, ann_id)
+        return
+    if wh and all(wh):
+        iw, ih = wh
+        if x < 0 or y < 0 or x + w > iw or y + h > ih:
+            outside = x + w <= 0 or y + h <= 0 or x >= iw or y >= ih
+            what = "entirely outside" if outside else "partly outside"
+            report.add("out_of_image_box", file, f"bbox {ltwh} is {what} the {iw}x{ih} image", image_id, ann_id)
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None = None, images: bool = True,
+               workers: int = 2, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
+    """Every problem of a COCO-format dataset (annotations, and image files unless ``images=False``)."""
+    ann_file = Path(ann_file)
+    report = Report(str(ann_file), "coco")
+    try:
+        coco = parse_coco_json(ann_file.read_bytes(), str(ann_file))
+    except (OSError, CocoFormatError) as err:
+        report.add("bad_annotation_file", ann_file, str(err))
+        return report
+    roots = [Path(image_root)] if image_root else [ann_file.parent, ann_file.parent / "images"]
+    src = str(ann_file)
+
+    # Items of the wrong JSON shape are reported by field (training refuses the file) and left out of the checks.
+    issues = coco_structure_errors(coco)
+    for issue in issues:
+        report.add("malformed_annotation", src, str(issue), issue.item_id if issue.section == "images" else None,
+                   issue.item_id if issue.section == "annotations" else None)
+    bad = {(issue.section, issue.index) for issue in issues}
+    sections = {key: [item for k, item in enumerate(coco.get(key, [])) if (key, k) not in bad]
+                for key in ("categories", "images", "annotations")}
+
+    cat_ids: set = set()
+    for c in sections["categories"]:
+        if c.get("id") in cat_ids:
+            report.add("duplicate_category_id", src, f"category id {c.get('id')} ({c.get('name')!r}) repeats")
+        cat_ids.add(c.get("id"))
+
+    image_info: dict[Any, dict] = {}
+    for img in sections["images"]:
+        iid = img.get("id")
+        if iid in image_info:
+            report.add("duplicate_image_id", img.get("file_name", src),
+                       f"image id {iid} also used by {image_info[iid].get('file_name')!r}", iid)
+            continue
+        image_info[iid] = img
+    report.num_images = len(image_info)
+
+    ann_ids: Counter = Counter(_hashable(a.get("id")) for a in sections["annotations"])
+    for ann_id, n in ann_ids.items():
+        if n > 1:
+            report.add("duplicate_annotation_id", src, f"annotation id {ann_id} is used {n} times", None, ann_id)
+    report.num_annotations = len(coco.get("annotations", []))
+    for ann in sections["annotations"]:
+        aid, iid = _hashable(ann.get("id")), ann.get("image_id")
+        img = image_info.get(iid)
+        file = img.get("file_name", src) if img else src
+        if img is None:
+            report.add("unknown_image_id", src, f"image id {iid!r} is not in 'images'", iid, aid)
+            continue
+        if ann.get("category_id") not in cat_ids:
+            report.add("unknown_category_id", file, f"category id {ann.get('category_id')!r} is not in 'categories'",
+                       iid, aid)
+        bbox = ann.get("bbox")
+        try:
+            values = [float(v) for v in bbox]
+            ok = len(values) == 4 and all(math.isfinite(v) for v in values)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            report.add("nan_box", file, f"bbox {bbox!r} is not four finite numbers", iid, aid)
+            continue
+        _box_problems(report, file, iid, aid, values, (int(img.get("width") or 0), int(img.get("height") or 0)))
+
+    if images:
+        def locate(name: str) -> Path | None:
+            for root in roots:
+                if (root / name).is_file():
+                    return root / name
+            return None
+        jobs = [(locate(str(img.get("file_name", ""))), str(img.get("file_name", "")), iid,
+                 (int(img.get("width") or 0), int(img.get("height") or 0))) for iid, img in image_info.items()]
+        report.problems += _run_image_checks(jobs, workers, max_pixels)
+    return report
+
+
+def _hashable(value: Any) -> Any:
+    """An annotation id as given (any JSON value): lists / objects as their JSON text, so they can be counted."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+# --------------------------------------------------------------------------- VOC
+
+
+def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = True, workers: int = 2,
+              max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
+    """Every problem of a VOC-style folder (all XMLs of ``Annotations/``, or those of one split)."""
+    import glob
+
+    from .voc import VOC_CLASSES, VocXmlError, find_voc_root, is_plain_id, parse_voc_xml, read_split_ids
+
+    found = find_voc_root(root)
+    report = Report(str(root), "voc")
+    if found is None:
+        report.add("bad_annotation_file", root, "not a VOC folder (no Annotations/)")
+        return report
+    try:
+        stems = read_split_ids(found, split) if split else sorted(p.stem for p in (found / "Annotations").glob("*.xml"))
+    except OSError as err:
+        report.add("bad_annotation_file", found / "ImageSets" / "Main" / f"{split}.txt", str(err))
+        return report
+    parsed = []
+    for stem in stems:
+        if not is_plain_id(stem):
+            report.add("bad_annotation_file", found / "ImageSets" / "Main" / f"{split}.txt",
+                       f"image id {stem!r} is not a plain file name (refused: it points outside the VOC folder)")
+            continue
+        xml = found / "Annotations" / f"{stem}.xml"
+        if not xml.is_file():
+            report.add("bad_annotation_file", xml, "annotation XML listed in the split is missing", stem)
+            continue
+        try:
+            info, objects, problems = parse_voc_xml(xml)
+        except VocXmlError as err:
+            report.add("bad_annotation_file", xml, str(err), stem)
+            continue
+        for msg in problems:
+            report.add("nan_box", xml, msg, stem)
+        parsed.append((stem, xml, info, objects))
+    names = {o.name for _, _, _, objs in parsed for o in objs}
+    # Names outside the VOC classes in a set that otherwise uses them are likely typos ("persn").
+    known = set(VOC_CLASSES) if names & set(VOC_CLASSES) else names
+    jobs = []
+    for stem, xml, info, objects in parsed:
+        report.num_images += 1
+        wh = (info["width"], info["height"])
+        for k, o in enumerate(objects):
+            report.num_annotations += 1
+            if o.name not in known:
+                report.add("unknown_class_name", xml, f"class {o.name!r} is not a VOC class; with it the set "
+                           "is read as a custom one (classes = sorted names found)", stem, f"{stem}#{k}")
+            _, xmin, ymin, xmax, ymax, _ = o
+            ltwh = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
+            if not all(math.isfinite(v) for v in ltwh):
+                report.add("nan_box", xml, f"object #{k} box {ltwh} not finite", stem, f"{stem}#{k}")
+            else:
+                _box_problems(report, str(xml), stem, f"{stem}#{k}", ltwh, wh)
+        image = found / "JPEGImages" / f"{stem}.jpg"
+        if not image.is_file():
+            image = next(iter(sorted((found / "JPEGImages").glob(f"{glob.escape(stem)}.*"))), image)
+        jobs.append((image, str(image), stem, wh))
+    if images:
+        report.problems += _run_image_checks(jobs, workers, max_pixels)
+    return report
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def check_shards(root: str | os.PathLike, images: bool = True, workers: int = 2,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
+    """Verify a packed-shard folder: manifest, every shard's checksum, every row's CRC and image."""
+    from .shards import ShardDataset, ShardError
+
+    report = Report(str(root), "shards")
+    try:
+        ds = ShardDataset(root, verify="none")
+    except (ShardError, OSError, ValueError) as err:
+        report.add("bad_annotation_file", root, str(err))
+        return report
+    report.num_images = len(ds)
+    report.num_annotations = sum(r.num_boxes for r in ds.records)
+    bad = set()
+    for k in range(ds.num_shards):
+        try:
+            ds.verify_shard(k)
+        except ShardError as err:
+            report.add("bad_annotation_file", ds.shard_path(k), str(err))
+            bad.add(k)
+    if images:
+        jobs = []
+        for i in range(len(ds)):
+            if ds.locate(i)[0] in bad:
+                continue
+            jobs.append((None, ds.describe(i), ds.image_ids[i], (ds.records[i].width, ds.records[i].height),
+                         (lambda i=i: (ds.read_bytes(i), ds.describe(i))), ds.records[i].file_name))
+        report.problems += _run_image_checks(jobs, workers, max_pixels)
+    return report
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def check_dataset(src: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str | None = None,
+                  images: bool = True, workers: int = 2,
+                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
+    """Dispatch on the kind of ``src``: COCO JSON, VOC folder or shard folder."""
+    from .voc import is_voc_root
+
+    path = Path(src)
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return check_shards(path, images, workers, max_pixels)
+    if path.is_dir() and is_voc_root(path):
+        return check_voc(path, split, images, workers, max_pixels)
+    if path.is_file():
+        return check_coco(path, image_root, images, workers, max_pixels)
+    report = Report(str(src), "unknown")
+    report.add("bad_annotation_file", src, "not a COCO JSON, a VOC folder or a shard folder")
+    return report
+
+
+def run_check_data(args: argparse.Namespace) -> int:
+    report = check_dataset(args.src, args.image_root, args.split, images=not args.no_images, workers=args.workers,
+                           max_pixels=args.max_image_pixels or None)
+    shown = report.problems if args.max_print is None else report.problems[: args.max_print]
+    for p in shown:
+        print(p)
+    if len(shown) < len(report.problems):
+        print(f"... {len(report.problems) - len(shown)} more (see --json)")
+    print(report.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+        print(f"wrote {args.json}")
+    return 1 if report.num_errors else 0
+
+
+def add_check_data_parser(subparsers) -> argparse.ArgumentParser:
+    """``multibox check-data SRC``; exit status 1 when an error-level problem is found."""
+    p = subparsers.add_parser("check-data", help="validate a dataset: every problem with its file and annotation id")
+    p.add_argument("src", help="COCO annotation JSON, VOC folder, or packed-shard folder")
+    p.add_argument("--image-root", help="folder the COCO file names are relative to")
+    p.add_argument("--split", help="VOC: ImageSets/Main split to check (default: every XML)")
+    p.add_argument("--no-images", action="store_true", help="check annotations only, do not decode images")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images whose header declares more pixels are reported (oversized_image), not decoded "
+                        "(default: 8192x8192, as data.max_image_pixels; 0 = no limit)")
+    p.add_argument("--max-print", type=int, default=200, help="problems printed (all go to --json)")
+    p.add_argument("--json", help="write the full report to this JSON file")
+    p.set_defaults(func=run_check_data)
+    return p
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="multibox")
+    add_check_data_parser(parser.add_subparsers(dest="command", required=True))
+    sys.exit(run_check_data(parser.parse_args(["check-data", *sys.argv[1:]])))

@@ -1,0 +1,126 @@
+"""Data-parallel helpers for ``torchrun`` (torch.distributed): set-up from the environment, rank queries, collectives.
+
+Launch (one machine, N processes; each gets ``train.batch_size`` images per step, so the global batch is
+``train.batch_size x N``)::
+
+    torchrun --nproc_per_node=N -m multibox train --config ssd300-vgg16 --data shards/train ...
+
+Several machines (run the same command on each; ``--node_rank`` 0..M-1, rendezvous at one host's address)::
+
+    torchrun --nnodes=M --nproc_per_node=N --rdzv_backend=c10d --rdzv_endpoint=HOST:29400 \\
+             --rdzv_id=JOB_ID -m multibox train ...
+
+Without the torchrun variables (``WORLD_SIZE`` unset or 1) everything here is a no-op and training runs in one
+process. The backend is NCCL for CUDA devices and gloo for CPU training (``train.dist_backend`` overrides).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "init_distributed", "cleanup", "is_distributed", "is_main", "rank", "world_size", "barrier",
+           "all_gather_object", "broadcast_object", "broadcast_buffers", "all_reduce_sum"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job (``world_size == 1``: not distributed)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_type: str = "cpu", backend: str = "auto", timeout_s: float = 1800) -> DistEnv:
+    """Join the process group described by torchrun's variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``); returns a single-process :class:`DistEnv` when there is none.
+
+    On CUDA, also selects the device ``cuda:LOCAL_RANK``.
+    """
+    world = env_world_size()
+    if world <= 1:
+        return DistEnv()
+    rank_, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistEnv(rank_, local, world, backend)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (e.g. BatchNorm running statistics) into every rank's ``module``."""
+    if is_distributed():
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (identity when not distributed); returns ``tensor``."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

@@ -1,0 +1,311 @@
+"""The paper's augmentation (multibox.data.transforms): zoom-out composed with the IoU crop, photometric distortion,
+and torchvision's preprocessing mode.
+
+References: box IoU from torchvision.ops, HSV maths from Python's colorsys, a zoom-out that materialises the canvas
+(as ssd.pytorch's Expand does), torchvision's GeneralizedRCNNTransform, and masks drawn from the boxes and pushed
+through the same transform.
+"""
+from __future__ import annotations
+
+import colorsys
+
+import pytest
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import box_iou
+from torchvision.transforms.v2 import functional as TF
+
+from multibox.config import load_config
+from multibox.data.transforms import (
+    EvalTransform,
+    TrainTransform,
+    adjust_saturation_hsv,
+    build_eval_transform,
+    build_train_transform,
+    photometric_distort,
+    sample_photometric,
+    sample_zoom_out,
+    zoom_out_paste_geometry,
+)
+
+S = 300
+IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), jitter=(0.0, 0.0, 0.0))
+NEUTRAL = {"brightness_delta": 0.0, "contrast": 1.0, "saturation": 1.0, "hue_degrees": 0.0, "contrast_first": True}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Per-image transforms run single-threaded, as in DataLoader workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _target(boxes: torch.Tensor) -> dict:
+    return {"boxes": boxes, "labels": torch.arange(1, boxes.shape[0] + 1), "image_id": 3, "orig_size": (0, 0)}
+
+
+def _random_boxes(width: int, height: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """n integer boxes, at least 6 px a side, inside a width x height image."""
+    x1 = torch.randint(0, width - 8, (n,), generator=g)
+    y1 = torch.randint(0, height - 8, (n,), generator=g)
+    x2 = torch.minimum(x1 + 6 + torch.randint(0, width // 2, (n,), generator=g), torch.tensor(width))
+    y2 = torch.minimum(y1 + 6 + torch.randint(0, height // 2, (n,), generator=g), torch.tensor(height))
+    return torch.stack([x1, y1, x2, y2], 1).float()
+
+
+def _source_rect_in_output(params: dict, width: int, height: int) -> torch.Tensor:
+    """Where the source image should land in the output, in [0, 1] units, computed from the parameters alone."""
+    cw, ch, left, top = params["expand"] or (width, height, 0, 0)
+    x1, y1, x2, y2 = params["window"] or (0, 0, cw, ch)
+    rx1, ry1, rx2, ry2 = max(left, x1), max(top, y1), min(left + width, x2), min(top + height, y2)
+    w, h = x2 - x1, y2 - y1
+    rect = torch.tensor([(rx1 - x1) / w, (ry1 - y1) / h, (rx2 - x1) / w, (ry2 - y1) / h])
+    if params["flip"]:
+        rect = torch.stack([1 - rect[2], rect[1], 1 - rect[0], rect[3]])
+    return rect
+
+
+def _extent(mask: torch.Tensor) -> torch.Tensor:
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) / S
+
+
+# --------------------------------------------------------------------------------------------- zoom-out sampling
+
+def test_zoom_out_sampling_ranges_and_probability():
+    g = torch.Generator().manual_seed(0)
+    width, height, applied = 200, 120, 0
+    for _ in range(2000):
+        e = sample_zoom_out(width, height, 4.0, 0.5, g)
+        if e is None:
+            continue
+        applied += 1
+        cw, ch, left, top = e
+        assert width <= cw <= 4 * width and height <= ch <= 4 * height
+        # one ratio for both sides (int() truncation aside)
+        assert abs(cw / width - ch / height) <= 1.0 / min(width, height) + 1e-9
+        assert 0 <= left and left + width <= cw and 0 <= top and top + height <= ch
+    assert 900 <= applied <= 1100
+    # Disabled: None, and nothing is drawn from the generator.
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert sample_zoom_out(width, height, 1.0, 1.0, g1) is None and sample_zoom_out(width, height, 0.0, 1.0, g1) is None
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+
+
+# --------------------------------------------------------------------------------------------- crop on the canvas
+
+def test_kept_boxes_meet_the_sampled_iou_on_the_zoomed_canvas():
+    """Every kept box (centre inside the window) has IoU >= t with the window, in canvas coordinates; kept boxes
+    are exactly the canvas boxes clipped to the window; and the transformed boxes stay valid inside [0, 1]."""
+    g = torch.Generator().manual_seed(1)
+    tr = TrainTransform(S, crop_rule="paper", zoom_out=4.0, zoom_out_p=0.5, photometric=True, seed=2, **IDENTITY)
+    checked, zoomed = 0, 0
+    for _ in range(250):
+        width, height = int(torch.randint(60, 400, (1,), generator=g)), int(torch.randint(60, 400, (1,), generator=g))
+        boxes = _random_boxes(width, height, int(torch.randint(1, 6, (1,), generator=g)), g)
+        target = _target(boxes)
+        params = tr.sample_params((height, width), target)
+        cw, ch, left, top = params["expand"] or (width, height, 0, 0)
+        zoomed += params["expand"] is not None
+        canvas_boxes = boxes + torch.tensor([left, top, left, top], dtype=torch.float32)
+        if params["window"] is not None:
+            x1, y1, x2, y2 = params["window"]
+            assert 0 <= x1 < x2 <= cw and 0 <= y1 < y2 <= ch
+            centres = (canvas_boxes[:, :2] + canvas_boxes[:, 2:]) / 2
+            kept = (centres[:, 0] > x1) & (centres[:, 0] < x2) & (centres[:, 1] > y1) & (centres[:, 1] < y2)
+            assert kept.any() and params["labels"].tolist() == target["labels"][kept].tolist()
+            ious = box_iou(canvas_boxes[kept], torch.tensor([params["window"]], dtype=torch.float32))[:, 0]
+            assert (ious >= params["min_iou"] - 1e-6).all(), (ious, params["min_iou"])
+            expected = canvas_boxes[kept].clone()
+            expected[:, 0::2] = expected[:, 0::2].clamp(x1, x2) - x1
+            expected[:, 1::2] = expected[:, 1::2].clamp(y1, y2) - y1
+            torch.testing.assert_close(params["boxes"], expected)
+            checked += 1
+        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
+        x, out = tr.apply(image, target, params)
+        assert x.shape == (3, S, S) and torch.isfinite(x).all()
+        b = out["boxes"]
+        assert ((b >= 0) & (b <= 1)).all() and ((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])).all()
+        assert b.shape == (len(out["labels"]), 4)
+    # With a zoomed-out canvas most thresholds find no window in 50 trials (then the whole canvas is kept).
+    assert checked >= 25 and 90 < zoomed < 160
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+@pytest.mark.parametrize("resize", ["antialias", "torchvision"])
+def test_boxes_image_and_fill_stay_consistent(resize):
+    """Each box drawn as a mask, pushed through the same parameters, gives back the output box (within 2 output
+    pixels); an all-white source lands exactly where the parameters say, and everything else is the mean fill."""
+    g = torch.Generator().manual_seed(7)
+    tr = TrainTransform(S, crop_rule="paper", zoom_out=4.0, zoom_out_p=0.7, photometric=True, seed=11,
+                        resize=resize, **IDENTITY)
+    width, height = 320, 240
+    checked = zoomed = 0
+    for _ in range(24):
+        boxes = _random_boxes(width, height, 4, g)
+        target = _target(boxes)
+        params = tr.sample_params((height, width), target)
+        geometry_only = dict(params, photometric=None)
+        zoomed += params["expand"] is not None
+        _, out = tr.apply(torch.zeros(3, height, width, dtype=torch.uint8), target, params)
+
+        white, _ = tr.apply(torch.full((3, height, width), 255, dtype=torch.uint8), target, geometry_only)
+        # The source is resized on its own and pasted: it stays pure white, and the rest is exactly the mean fill
+        # (0 once normalised), with no blur between them.
+        assert ((white == 0) | (white == 255)).all()
+        source = white[0] == 255
+        torch.testing.assert_close(_extent(source), _source_rect_in_output(params, width, height),
+                                   atol=1.0 / S + 1e-6, rtol=0)
+
+        for box, label in zip(out["boxes"], out["labels"]):
+            bx = boxes[label - 1].int().tolist()
+            mask = torch.zeros(3, height, width, dtype=torch.uint8)
+            mask[:, bx[1]:bx[3], bx[0]:bx[2]] = 255
+            m, _ = tr.apply(mask, target, geometry_only)
+            assert (_extent(m[0] > 127.5) - box).abs().max() <= 2.0 / S, (params, box * S)
+            checked += 1
+    assert checked >= 20 and zoomed >= 8
+
+
+def test_zoom_out_equals_cropping_the_materialised_canvas():
+    """Reference: build the canvas r times the image filled with the mean (as ssd.pytorch's Expand), paste the image,
+    crop the window, resize once. On a smooth image ours differs only by the sub-pixel rounding of the paste."""
+    mean = (104.0, 117.0, 123.0)
+    tr = TrainTransform(S, mean=mean, std=(1.0, 1.0, 1.0), jitter=(0, 0, 0), crop_rule="paper", flip_p=0.0,
+                        zoom_out=4.0, zoom_out_p=1.0, seed=3)
+    height, width = 180, 260
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)]).to(torch.uint8)
+    boxes = torch.tensor([[30.0, 40.0, 120.0, 150.0], [150.0, 20.0, 250.0, 100.0]])
+    compared = 0
+    for _ in range(6):
+        params = tr.sample_params((height, width), _target(boxes))
+        cw, ch, left, top = params["expand"]
+        x1, y1, x2, y2 = params["window"] or (0, 0, cw, ch)
+        canvas = torch.tensor(mean).round().to(torch.uint8).view(3, 1, 1).expand(3, ch, cw).clone()
+        canvas[:, top:top + height, left:left + width] = image
+        ref = TF.resized_crop(canvas, y1, x1, y2 - y1, x2 - x1, [S, S], antialias=True).float()
+        ours, _ = tr.apply(image, _target(boxes), params)
+        ours = ours + torch.tensor(mean).view(3, 1, 1)
+        diff = (ours - ref).abs()
+        # The pasted edges may move by half an output pixel: compare away from them, and on average everywhere.
+        assert diff.mean() < 2.0, diff.mean()
+        assert diff.flatten().kthvalue(int(0.95 * diff.numel())).values < 4.0
+        compared += 1
+    assert compared == 6
+
+
+def test_paste_geometry_hand_case():
+    # canvas 400x300, image 100x50 at (150, 100); window (100, 50, 300, 250) -> scale 1.5 to a 300x300 output
+    src, dst = zoom_out_paste_geometry((100, 50, 300, 250), (150, 100, 250, 150), 300)
+    assert src == (0, 0, 100, 50) and dst == (75, 75, 225, 150)
+    # the window sees the image's right part only
+    src, dst = zoom_out_paste_geometry((200, 0, 400, 300), (150, 100, 250, 150), 300)
+    assert src == (50, 0, 100, 50) and dst == (0, 100, 75, 150)     # x scale 1.5, y scale 1
+    assert zoom_out_paste_geometry((0, 0, 100, 100), (150, 100, 250, 150), 300) is None
+
+
+# --------------------------------------------------------------------------------------------- photometric
+
+def _colorsys_reference(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """Pixel by pixel with Python's colorsys: brightness, [contrast], HSV saturation, HSV hue, [contrast]."""
+    out = torch.empty_like(x)
+    for i in range(x.shape[1]):
+        for j in range(x.shape[2]):
+            rgb = [min(max(float(c) + p["brightness_delta"], 0.0), 255.0) for c in x[:, i, j]]
+            if p["contrast_first"]:
+                rgb = [min(max(c * p["contrast"], 0.0), 255.0) for c in rgb]
+            h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
+            s = min(s * p["saturation"], 1.0)
+            h = (h + p["hue_degrees"] / 360.0) % 1.0
+            rgb = [c * 255 for c in colorsys.hsv_to_rgb(h, s, v)]
+            if not p["contrast_first"]:
+                rgb = [min(max(c * p["contrast"], 0.0), 255.0) for c in rgb]
+            out[:, i, j] = torch.tensor(rgb)
+    return out
+
+
+@pytest.mark.parametrize("params", [
+    {"brightness_delta": 20.0, "contrast": 1.3, "saturation": 1.4, "hue_degrees": 12.0, "contrast_first": True},
+    {"brightness_delta": -25.0, "contrast": 0.6, "saturation": 0.55, "hue_degrees": -17.0, "contrast_first": False},
+    {"brightness_delta": 0.0, "contrast": 1.0, "saturation": 1.5, "hue_degrees": 0.0, "contrast_first": True},
+])
+def test_photometric_distortion_matches_colorsys(params):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 256, (3, 9, 11), generator=g).float()
+    x[:, 0, 0] = 128.0                       # grey: saturation and hue leave it alone
+    x[:, 0, 1] = torch.tensor([250.0, 10.0, 0.0])   # nearly saturated: S·1.5 clamps at 1
+    ours = photometric_distort(x.clone(), params)
+    torch.testing.assert_close(ours, _colorsys_reference(x, params), atol=2e-3, rtol=0)
+    assert photometric_distort(x.clone(), NEUTRAL).equal(x)
+
+
+def test_hsv_saturation_is_not_a_luminance_blend():
+    x = torch.tensor([200.0, 100.0, 50.0]).view(3, 1, 1)
+    # S = 150/200 = 0.75; halved: 0.375 -> channels V - (V - c)/2 = 200, 150, 125
+    torch.testing.assert_close(adjust_saturation_hsv(x, 0.5).flatten(), torch.tensor([200.0, 150.0, 125.0]))
+    # doubled: S would be 1.5 -> clamped at 1, so the minimum channel goes to 0 and hue is kept
+    torch.testing.assert_close(adjust_saturation_hsv(x, 2.0).flatten(), torch.tensor([200.0, 200 - 100 * 4 / 3, 0.0]))
+
+
+def test_photometric_sampling_probabilities_and_ranges():
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_photometric(g) for _ in range(3000)]
+    for key, neutral, lo, hi in (("brightness_delta", 0.0, -32, 32), ("contrast", 1.0, 0.5, 1.5),
+                                 ("saturation", 1.0, 0.5, 1.5), ("hue_degrees", 0.0, -18, 18)):
+        values = torch.tensor([d[key] for d in draws])
+        active = values != neutral
+        assert 0.45 < active.float().mean() < 0.55, key
+        assert values.min() >= lo and values.max() <= hi and values[active].std() > (hi - lo) / 5
+    assert 0.45 < sum(d["contrast_first"] for d in draws) / len(draws) < 0.55
+
+
+def test_photometric_draws_do_not_change_the_geometry():
+    """Photometric numbers are drawn last in a call: the same seed gives the same zoom-out, window, boxes and flip
+    with it on or off."""
+    g = torch.Generator().manual_seed(2)
+    boxes = _random_boxes(300, 200, 5, g)
+    for seed in range(20):
+        common = dict(crop_rule="paper", zoom_out=4.0, seed=seed)
+        on, off = TrainTransform(S, photometric=True, **common), TrainTransform(S, photometric=False, **common)
+        a, b = on.sample_params((200, 300), _target(boxes)), off.sample_params((200, 300), _target(boxes))
+        assert a["expand"] == b["expand"] and a["window"] == b["window"] and a["flip"] == b["flip"]
+        assert torch.equal(a["boxes"], b["boxes"]) and a["photometric"] is not None and b["photometric"] is None
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+def test_paper_preset_builds_the_paper_transforms():
+    cfg = load_config("ssd300-vgg16")
+    tr, ev = build_train_transform(cfg, seed=0), build_eval_transform(cfg)
+    assert tr.photometric and tr.zoom_out == 4.0 and tr.zoom_out_p == 0.5 and tr.crop_rule == "paper"
+    assert tr.jitter == (0.0, 0.0, 0.0) and tr.flip_p == 0.5 and tr.resize == "torchvision"
+    assert torch.equal(tr.fill_normalised, torch.zeros(3, 1, 1))      # the canvas is the mean
+    assert ev.resize == "torchvision" and ev.size == 300
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        image = torch.randint(0, 256, (3, 200, 270), dtype=torch.uint8, generator=g)
+        x, out = tr(image, _target(_random_boxes(270, 200, 3, g)))
+        assert x.shape == (3, 300, 300) and torch.isfinite(x).all()
+    seed_cfg = load_config("ssd300-vgg16-seed")
+    seed_tr = build_train_transform(seed_cfg)
+    assert not seed_tr.photometric and seed_tr.zoom_out == 0 and build_eval_transform(seed_cfg).resize == "antialias"
+
+
+@pytest.mark.parametrize("size", [(300, 300), (240, 320), (481, 375)])
+def test_torchvision_resize_mode_equals_generalized_rcnn_transform(size):
+    """``resize: torchvision`` gives bit for bit the tensor torchvision's SSD feeds its backbone."""
+    cfg = load_config("ssd300-vgg16")
+    ref_transform = GeneralizedRCNNTransform(300, 300, [0.48235, 0.45882, 0.40784], [1 / 255] * 3, size_divisible=1,
+                                             fixed_size=(300, 300))
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ref = ref_transform([image.float() / 255])[0].tensors[0]
+    ours, _ = build_eval_transform(cfg)(image)
+    assert torch.equal(ours, ref)
+    # The default mode still resizes the uint8 image with antialiasing.
+    default, _ = EvalTransform(300, cfg.data.mean, cfg.data.std)(image)
+    if size != (300, 300):
+        assert not torch.equal(default, ref)
