@@ -8,6 +8,7 @@ verifiably had no effect), ``crash`` (any other exception), ``accepted`` (a bad 
 """
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -106,6 +107,36 @@ def _bombs() -> dict[str, bytes]:
     }
 
 
+# A 32x24 PNG with bytes changed by tests/test_fuzz.py: torchvision 0.29's decode_image kills the process on it
+# (SIGSEGV after "libpng error: bad adaptive filter value"; cf. pytorch/vision#3613). PNG therefore goes to PIL.
+TORCHVISION_SEGFAULT_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAACAAAAAYCAIAAAAUMWhjAAAHSUlEQVR4nH3NCV/ajAGA8VwkhAABwinIKaCIeOFVu1Zt5/quH2LfcVu39re1"
+    "2letvt6Kghxyg0A4AgkBQkL2CebzAZ4/uINq75Urq+6j35uukJpN6/38fWP6nQJKqzU0qn0Pp676TqehZPxPB/qs/3HdfOuYv2QKIYBNUEE8"
+    "k6Xc3inzS7UGv3CzADUSqtoV0w82u0vpCHYoFNvg4ocoo+jJR7Qtio5Rrlz24HzWMK/QHnMisJVzkYujkwunawQ5d2iwNJAB8zVJ1ulbIDMk"
+    "VkUfYX76yZi9oA9dw4gvp/DcG8n8LdePoHGpPqdfvK2D1vD6IN79JiUk/9/fgki+G5ys2Ga7g5j+7MNg81TWb/BndGe5I9yoNbreRMPB2Bim"
+    "99rHO9C+PTN63IppZeshBUHzziayU37lDgBA+mVvPeKmisnY0zke3we6CYBr52Kg11CTZnBRJ2kTGnzMIkXgRwDq/9qfZoFeZVoJggZTAJJF"
+    "p6/ofh2Iju6U8LjrQVRBZBQ4fKZgdR02agcPbc5x7FAeGW1TZeto4nawAIiXPmb7morZRQA6PkuIyDVIAGThdeBJQNfP8DdQ7p4kQ4NwT0TJ"
+    "HmJw2GSjTc2orl1JhZqIZ6SZdhSx1bo3sKT5yEwddTlgDxpCs4me9dHzOjDZj1wv/nOgIRQ+E9C79z+f9bbL352BfupWaH/9LIroDUotc2Vj"
+    "PFC/BRXQENbDb1Ghj/8bbUBVIdFUDV8HrPy96ZerQ814qwVdaAFct06lfIZUycDjzO6nJ0VXTWWcKCU5uqjyrXl0ilWuwywzuX33yTqPmBSu"
+    "TIt4HUALDK1ak5Lpl6WoNlaUSsvWP4viRTZtWbc+xywaI/fG1TpOhCKs5pJpIkBt0zktKJBm4qRRgK672Npm/HUgBYznu5zFS/CnWFjfkha6"
+    "sf+yE8PqZgZ+zmtOcGHU+umGuoqG5UQ1ECNqo3pQHSuWZwqzMQry+Msn9+rXAYN1UVSYKr2RzZwrKLeCgwvSzPY1sbsNZEcb8F45usMPd9Sf"
+    "ShmfZx0iZGPg54gwTs4vXUofBkFpZM7Seh1wTsg/vF+AGXJkdUg9hTwVWoqaPP2VNnZWXktVpiXq+jw6frJupYTLotSx3Gx3o7dazFE5Ts6B"
+    "kD8QbZQuwgbV3TIQzrsSyjSc9AqjscrOyU212l7CUnBv6y8tuW/XX5R+TBz7QYAtw3iY6OeNHf6QD+BCe6Fcb4Z4cOSraW6X22CJDsESA1lE"
+    "qAoh4448IcHJShT6EknKzcDYbORRQpaBEK+OcKYuxX80Med/d5WyVOrtsouoJ8a1A3r65BE4mzrLzGp9CNTxJHbX+tUBXB0abTqpFWaddnHU"
+    "8erU2TXoN+W62c970qO6GMRxGwQ+taB10/LOgPi2Vze4SkB3JJK72yu6pUrXmE0/Tyj/FIS5/wjWURfg36gtTfDZQGm1+aKVQGyM66+AOoU7"
+    "c/WqfuESr80K0IP+4ADC/ANaOenk5gUJDitVFfx3Dpz7nJ/9BwT6VnzJYr0T11e3hnFvEFDKx9yeBZt6tg7yfF3lqA8OikkYJduWt3IDrdp6"
+    "qH2akkUzzhrXjNtIFpzanKtijv3iU9/khS5RXH80GL1/Ea7mF1YPSw1tILGUtdBikVeuWufhGt1slRDXQF0YiKKUdfrxusCTuB2rcb0lvoiz"
+    "hpaeAoJ9Qw5FAorKL/HZAy1aELsi84gYh/kTdiX1vWUWLSi+YfspnfRW6hEZfej6DCZKdkFXCvP9VZVhxnHD9cJfR/01q+wSMT1WaRla6xJR"
+    "wm0g1Nco3VyX/w67k5kUHaIpLxjesDRz6CphjHUQdhvtwcpJn9XBVi8QQ5mXeEu/4KTSR86AN07QQszeHjKbbZw0Viao98IynK+DsKNOWxXt"
+    "+ratyFzbke1EVTA4jezxucYHBZ/moEInalryndDxcEDHnl4uZgYRRuIK/0Iu2jc1p9nS6XGOoC9R1TcOtsmpyb4qcqGYK0Qdtx6ezulapnwC"
+    "ETUvy+XsVb2mMjTvrv36Md87IN/5OphcAQVoN8iM0mrIv/TQKCDe3RclOaTHYWKnsNxfQKk0pAC41MQ9X88BgavEs19W57U7onhIe/CZDyuP"
+    "jEaju0O65cJGl32JfDdwlrlnpdrOeiwSv1bp6wIFEP9t3f6cLMrTNoubynw1uSaj2FxiXbfGkI/ZxOwadIY7wLsLP7KRAA/BrMFGTefGPcKP"
+    "qYc+tXtglEX05m7Y5jKCtkVi2tBUJ0PDNvYd54gxjwwVAPd3QLG2dFi9gT3wdtXR0DfLxAKhwexNLS6dCihIMs38ghL/uq8wFlgadURy7doS"
+    "0M8oNVBzSRMQWD5ZxcQ9zH814lezbJHnElU8SPrJSU3clkEk8fAeWKnpIPOWy1Ggp5vDHJJPE5+iGqJHn1vSmH62QXbMbGCm1SirqqSkcwoT"
+    "8yR5FyE88rJUesKdpF2uVpW5UZPUJuwYTdAyKDzKkwUF1wANw/8BegvCFvwXGs4AAAAASUVORK5CYII="
+)
+
+
 def _coco_over(root: Path, files: dict[str, bytes]) -> Path:
     (root / "images").mkdir(parents=True, exist_ok=True)
     images, anns = [], []
@@ -151,6 +182,24 @@ def _image_probes(results: list, root: Path) -> None:
             rep = check_dataset(path, workers=1, max_pixels=4_000_000)
             return _refused_if(ds[0] is None and len(rep.by_kind("oversized_image")) == 1, str(err)[:80])
     _probe(results, kind, "real 3000x3000 PNG under a 4 Mpx limit", real_bomb)
+
+
+def _native_decoder_probes(results: list, root: Path) -> None:
+    kind = "corrupted images that crash native decoders"
+
+    def one():
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "crash.png").write_bytes(TORCHVISION_SEGFAULT_PNG)
+        code = ("import sys; from multibox.data.coco import ImageDecodeError, read_image_rgb\n"
+                "try:\n    read_image_rgb(sys.argv[1])\nexcept ImageDecodeError as err:\n    print('REFUSED', err)")
+        done = subprocess.run([sys.executable, "-c", code, str(root / "crash.png")], capture_output=True, text=True,
+                              timeout=120)   # a subprocess: a regression must not take pytest down with it
+        if done.returncode != 0:
+            return "crash", f"exit {done.returncode}: {done.stderr[-200:]}"
+        ann = _coco_over(root / "set", {"crash.png": TORCHVISION_SEGFAULT_PNG})
+        reported = check_dataset(ann, workers=1).by_kind("unreadable_image")
+        return _refused_if("REFUSED" in done.stdout and len(reported) == 1, done.stdout.strip()[-100:])
+    _probe(results, kind, "PNG: bad adaptive filter value (torchvision SIGSEGV)", one)
 
 
 def _file_probes(results: list, root: Path) -> None:
@@ -214,7 +263,7 @@ XML_ATTACKS = {
 
 
 def _xml_probes(results: list, root: Path) -> None:
-    kind = "XML entity expansion / DTDs (VOC)"
+    kind = "VOC: XML entity expansion, DTDs, path traversal"
     voc = make_voc(root, {"000001": [("dog", 1, 1, 20, 20, 0)]}, {"trainval": ["000001"]})
     stems = ["000001"]
     for k, (name, text) in enumerate(XML_ATTACKS.items()):
@@ -248,6 +297,15 @@ def _xml_probes(results: list, root: Path) -> None:
         info, objects, _ = parse_voc_xml(xml)
         return ("inert", "XInclude not processed") if info["filename"] == "a.jpg" and not objects else ("accepted", "")
     _probe(results, kind, "xinclude", xinclude)
+
+    def traversal():
+        (voc / "ImageSets" / "Main" / "evil.txt").write_text("000001\n../../../../../etc/hostname\n/etc/passwd\n")
+        ds = VOCDetection(voc, split="evil")
+        rep = check_dataset(voc, split="evil", workers=1)
+        hits = [p for p in rep.by_kind("bad_annotation_file") if "not a plain file name" in p.message]
+        ok = len(ds) == 1 and ds.load_report["bad_split_ids_dropped"] == 2 and len(hits) == 2
+        return _refused_if(ok, f"{ds.load_report['bad_split_ids_dropped']} ids dropped, {len(hits)} reported")
+    _probe(results, kind, "split ids ../../etc/hostname and /etc/passwd", traversal)
 
 
 # ============================================================================================ COCO JSON
@@ -597,6 +655,7 @@ def tally(tmp_path_factory) -> list[Outcome]:
     root = tmp_path_factory.mktemp("hostile")
     results: list[Outcome] = []
     _image_probes(results, root / "images")
+    _native_decoder_probes(results, root / "native")
     _file_probes(results, root / "files")
     _xml_probes(results, root / "voc")
     _coco_probes(results, root / "coco")

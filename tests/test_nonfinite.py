@@ -72,7 +72,7 @@ def _batches(kinds):
     return out
 
 
-def _run(kinds, max_nonfinite=0, state=None):
+def _run(kinds, max_nonfinite=0, state=None, scaler=None):
     """Train the toy over one batch per plan entry; returns (result, records, snapshots after each batch, model)."""
     model = Toy()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -84,7 +84,8 @@ def _run(kinds, max_nonfinite=0, state=None):
 
     result = train_one_epoch(model, criterion, lambda b, lab: (b, lab), _batches(kinds), optimizer,
                              lambda step: 0.1, torch.device("cpu"), 0, log=records.append, log_every=1,
-                             progress=False, max_nonfinite=max_nonfinite, state=state, after_batch=after_batch)
+                             progress=False, max_nonfinite=max_nonfinite, state=state, after_batch=after_batch,
+                             scaler=scaler)
     return result, records, snapshots, model
 
 
@@ -123,6 +124,18 @@ def test_stops_after_k_consecutive_and_not_before():
     # the streak carries over an epoch boundary (EpochProgress from the previous epoch / a checkpoint)
     with pytest.raises(NonFiniteTrainingError, match="2 consecutive"):
         _run(["nan_grad", "ok"], max_nonfinite=2, state=EpochProgress(nonfinite_streak=1))
+
+
+def test_loss_scaler_backs_off_on_overflow_and_updates_like_fp32():
+    """The fp16 path (GradScaler; a CPU one here, the CUDA one in training): a NaN gradient is skipped and halves
+    the scale; the other updates equal those without a scaler (power-of-two scaling is exact)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    kinds = ["ok", "nan_grad", "ok", "nan_input", "ok"]
+    result, records, snaps, model = _run(kinds, scaler=scaler)
+    assert result["skipped_steps"] == 2 and scaler.get_scale() == 2.0 ** 11   # loss NaN: no backward, no backoff
+    assert [r["reason"] for r in records if r["kind"] == "nonfinite"] == ["grad", "loss"]
+    _, _, _, plain = _run(kinds)
+    assert _same(plain.state_dict(), model.state_dict())
 
 
 # ------------------------------------------------------------------------------------------- a real run

@@ -27,9 +27,9 @@ SETTINGS = ["model.widths=[8, 8, 16, 16, 16, 16, 16, 16]", "train.batch_size=2",
 TOTAL_STEPS = 12
 
 
-def _command(ann: Path, out: Path, workers: int) -> list[str]:
+def _command(ann: Path, out: Path, workers: int, pipeline: str = "cpu") -> list[str]:
     cmd = [sys.executable, "-m", "multibox", "train", "--data", str(ann), "--val-data", str(ann), "--out", str(out),
-           "--no-progress", "--set", f"data.num_workers={workers}"]
+           "--no-progress", "--set", f"data.num_workers={workers}", "--set", f"data.pipeline={pipeline}"]
     for item in SETTINGS:
         cmd += ["--set", item]
     return cmd
@@ -67,20 +67,30 @@ def data(tmp_path_factory) -> Path:
     return generate_synthetic_coco(tmp_path_factory.mktemp("resume") / "data", num_images=8, seed=5)
 
 
+PIPELINES = ("cpu", "batched")
+
+
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reference") / "run"
-    done = subprocess.run(_command(data, out, 0), env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert _train_steps(out) == list(range(TOTAL_STEPS))
-    return out
+def references(data, tmp_path_factory) -> dict[str, Path]:
+    """Uninterrupted runs with 0 workers, one per data.pipeline (both at once: two processes)."""
+    outs = {p: tmp_path_factory.mktemp(f"reference-{p}") / "run" for p in PIPELINES}
+    procs = {p: subprocess.Popen(_command(data, outs[p], 0, p), env=_env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True) for p in PIPELINES}
+    for p, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        assert _train_steps(outs[p]) == list(range(TOTAL_STEPS))
+    return outs
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(data, reference, tmp_path, workers):
+# The references ran with 0 workers: augmentation keyed by (seed, epoch, index) makes the worker count irrelevant
+# (CPU pipeline, killed and resumed with 1 worker); the batched pipeline draws its parameters the same way.
+@pytest.mark.parametrize("workers, pipeline", [(1, "cpu"), (0, "batched")])
+def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(data, references, tmp_path, workers, pipeline):
+    reference = references[pipeline]
     out = tmp_path / "run"
     kill_after = random.Random().randint(1, TOTAL_STEPS - 3)   # random per run; reported on failure
-    proc = subprocess.Popen(_command(data, out, workers), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_command(data, out, workers, pipeline), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -98,7 +108,7 @@ def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(data, refe
     done = subprocess.run([sys.executable, "-m", "multibox", "train", "--resume", str(out), "--no-progress"],
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    where = f"(killed after step {reached}, last.pt at step {killed_at['step']}, workers {workers})"
+    where = f"(killed after step {reached}, last.pt at step {killed_at['step']}, workers {workers}, {pipeline})"
     assert f"step {killed_at['step']}" in done.stdout, done.stdout[-2000:]   # it did resume from there
 
     a = torch.load(reference / "last.pt", weights_only=True)
@@ -156,3 +166,54 @@ def test_augmentation_is_a_pure_function_of_seed_epoch_and_index():
     assert len(distinct) > 5   # different keys, different augmentations
     other_seed = subset[SampleIndex(0, 0, 4)][0]
     assert not torch.equal(other_seed, first[(0, 0)][0])
+
+
+def test_restore_training_state_round_trip_and_refusals(tmp_path):
+    """Everything a resume restores (model, optimizer, fp16 loss scaler, RNGs, in-epoch progress), and the clear
+    errors for a checkpoint that cannot be continued."""
+    from torch import nn
+
+    from multibox.checkpoint import CheckpointError, save_checkpoint
+    from multibox.config import Config
+    from multibox.engine import EpochProgress
+    from multibox.train import _rng_state, checkpoint_payload, restore_training_state
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        return model, torch.optim.AdamW(model.parameters(), lr=0.01), torch.amp.GradScaler("cpu", init_scale=8.0)
+
+    model, optimizer, scaler = make()
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    scaler.scale(torch.ones(()))
+    scaler.update(2.0)
+    geometry = {"steps_per_epoch": 7, "world_size": 1, "batch_size": 2}
+    progress = EpochProgress(batch=3, totals={"loss": 1.5, "loss_cls": 1.0, "loss_loc": 0.5}, count=3,
+                             skipped=1, skipped_images=2, nonfinite_streak=1)
+    rng = _rng_state(torch.device("cpu"))
+    expected_draw = torch.rand(3)
+    path = tmp_path / "last.pt"
+    save_checkpoint(checkpoint_payload(Config(), model, ["background", "a"], optimizer=optimizer.state_dict(),
+                                       scaler=scaler.state_dict(), epoch=2, step=17, best={"AP": 0.25}, rng=rng,
+                                       progress=progress.to_dict(), **geometry), path)
+
+    fresh, fresh_opt, fresh_scaler = make()
+    torch.manual_seed(123)
+    state, restored = restore_training_state(path, fresh, fresh_opt, fresh_scaler, torch.device("cpu"), 0, geometry)
+    assert (state["epoch"], state["step"], state["best"]) == (2, 17, {"AP": 0.25})
+    assert restored == progress and fresh_scaler.get_scale() == 2.0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(torch.rand(3), expected_draw)   # the RNG continues where the checkpoint left it
+
+    with pytest.raises(CheckpointError, match="stopped inside epoch 3 .*batch 3.*same data, batch size"):
+        restore_training_state(path, *make(), torch.device("cpu"), 0, {**geometry, "batch_size": 4})
+    other = nn.Sequential(nn.Linear(3, 5))
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        restore_training_state(path, other, torch.optim.SGD(other.parameters(), lr=0.1), None,
+                               torch.device("cpu"), 0, geometry)
+    best = tmp_path / "best.pt"   # an evaluation checkpoint: no optimizer
+    save_checkpoint(checkpoint_payload(Config(), model, ["background", "a"], epoch=2, metrics={}), best)
+    with pytest.raises(CheckpointError, match="field 'optimizer'"):
+        restore_training_state(best, *make(), torch.device("cpu"), 0, geometry)

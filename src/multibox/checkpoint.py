@@ -1,8 +1,16 @@
 """Checkpoints: written atomically, read without unpickling arbitrary objects.
 
 A checkpoint is a dict of plain types and tensors: ``format``, ``version``, ``model`` (state dict), ``config``
-(the resolved config as a dict), ``class_names`` and, for training checkpoints, ``optimizer``, ``epoch``,
-``step`` and ``rng`` states.
+(the resolved config as a dict), ``class_names`` and, for training checkpoints (``last.pt``, see
+:mod:`multibox.train`), ``optimizer``, ``scaler`` (fp16 loss scaling, or None), ``epoch`` (epochs completed),
+``step`` (next global step), ``progress`` (the position inside the epoch and its running sums, the non-finite
+counter), ``best``, ``rng`` (torch / python / CUDA states, every rank's under ``per_rank``) and the batch geometry
+(``steps_per_epoch``, ``world_size``, ``batch_size``) a mid-epoch resume must match.
+
+Writing: temporary file in the same folder, fsync, rename, fsync of the folder (:func:`save_checkpoint`).
+Reading: refused before unpickling unless it is a torch zip archive with stored (uncompressed) records, then
+``torch.load(weights_only=True)``, then field types checked (:func:`load_checkpoint`); every failure is a
+:class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
@@ -65,7 +73,11 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
 def _check_archive(path: Path) -> None:
     """Refuse, before unpickling anything, what ``torch.save`` never writes: a legacy (non-zip) format, whose
     reader allocates storages of the sizes the file declares, and compressed records (a zip bomb)."""
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)   # raises BadZipFile itself on some forged end records
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (damaged zip directory: {err})") from None
+    if not is_zip:
         raise CheckpointError(f"{path}: not a multibox checkpoint (not a torch.save zip archive; "
                               "legacy pickle formats are refused)")
     try:

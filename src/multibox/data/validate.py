@@ -187,12 +187,9 @@ def inspect_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_
             return {"format": im.format, "mode": im.mode, "raw_size": (raw_w, raw_h)}, [(
                 "oversized_image", f"the header declares {raw_w}x{raw_h} = {raw_w * raw_h / 1e6:.1f} Mpx, above "
                 f"the limit of {max_pixels / 1e6:.1f} Mpx (data.max_image_pixels): refused before decoding")]
-        try:
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-        except Exception:  # a broken EXIF block must not hide the image's other problems
-            orientation = 1
-        info = {"format": im.format, "mode": im.mode, "raw_size": (raw_w, raw_h), "orientation": orientation,
-                "size": (raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h)}
+        info = {"format": im.format, "mode": im.mode, "raw_size": (raw_w, raw_h)}
+        # Decode before reading EXIF: for a PNG, getexif() decodes the image itself, and a decoding error swallowed
+        # there would let the broken image pass as readable.
         try:
             im.load()
         except OSError as err:
@@ -200,6 +197,11 @@ def inspect_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_
             return info, [(kind, f"cannot decode ({err})")]
         except Exception as err:  # decoders raise assorted errors on corrupt data
             return info, [("unreadable_image", f"cannot decode ({type(err).__name__}: {err})")]
+        try:
+            orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception:  # a broken EXIF block must not hide the image's other problems
+            orientation = 1
+        info.update(orientation=orientation, size=(raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h))
     mode = info["mode"]
     if _png_bit_depth(data) == 16 and mode not in ("I;16", "I;16B", "I;16L", "I"):
         problems.append(("16bit_image", f"16-bit PNG (mode {mode}); scaled to 8 bit"))
@@ -384,8 +386,9 @@ def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = 
     parsed = []
     for stem in stems:
         if not is_plain_id(stem):
-            report.add("bad_annotation_file", found / "ImageSets" / "Main" / f"{split}.txt",
-                       f"image id {stem!r} is not a plain file name (refused: it points outside the VOC folder)")
+            where = found / "ImageSets" / "Main" / f"{split}.txt" if split else found / "Annotations"
+            report.add("bad_annotation_file", where,
+                       f"image id {stem!r} is not a plain file name (refused: it could point outside the VOC folder)")
             continue
         xml = found / "Annotations" / f"{stem}.xml"
         if not xml.is_file():
