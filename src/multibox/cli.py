@@ -113,8 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError, CheckpointWriteError
+    from .data.coco import CocoFormatError
+    from .data.shards import ShardError
+    from .engine import NonFiniteTrainingError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (CheckpointError, CheckpointWriteError, CocoFormatError, ShardError, NonFiniteTrainingError) as err:
+        # Expected failures on bad input get one clear line, not a traceback.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

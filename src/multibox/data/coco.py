@@ -220,6 +220,16 @@ class ImageRecord:
                 "areas": np.zeros(0, np.float64), "category_ids": np.zeros(0, np.int64),
                 "crowd": np.zeros(0, bool)}
 
+    @staticmethod
+    def arrays_from_rows(rows: list[tuple]) -> dict[str, np.ndarray]:
+        """Rows of (ann_id, left, top, width, height, area, category_id, crowd) -> the record's arrays."""
+        if not rows:
+            return ImageRecord.empty_arrays()
+        cols = list(zip(*rows))
+        return {"ann_ids": np.asarray(cols[0], np.int64), "bbox_ltwh": np.asarray(cols[1:5], np.float64).T.copy(),
+                "areas": np.asarray(cols[5], np.float64), "category_ids": np.asarray(cols[6], np.int64),
+                "crowd": np.asarray(cols[7], bool)}
+
 
 def training_target(record: ImageRecord, category_id_to_label: dict[int, int], width: int, height: int,
                     keep_crowd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,15 +587,7 @@ def index_coco(coco: dict, report: Counter) -> tuple[list[dict], list[ImageRecor
 
     records: list[ImageRecord] = []
     for img in images:
-        rows = per_image.get(int(img["id"]), [])
-        if rows:
-            cols = list(zip(*rows))
-            arrays = {"ann_ids": np.asarray(cols[0], np.int64),
-                      "bbox_ltwh": np.asarray(cols[1:5], np.float64).T.copy(),
-                      "areas": np.asarray(cols[5], np.float64), "category_ids": np.asarray(cols[6], np.int64),
-                      "crowd": np.asarray(cols[7], bool)}
-        else:
-            arrays = ImageRecord.empty_arrays()
+        arrays = ImageRecord.arrays_from_rows(per_image.get(int(img["id"]), []))
         records.append(ImageRecord(int(img["id"]), str(img.get("file_name", "")), int(img.get("width") or 0),
                                    int(img.get("height") or 0), **arrays))
     return categories, records

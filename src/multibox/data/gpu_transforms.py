@@ -42,7 +42,7 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from .coco import Batch
-from .transforms import TrainTransform, build_train_transform, keyed_generator
+from .transforms import TrainTransform, build_train_transform, keyed_generator, window_target
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -254,21 +254,7 @@ class BatchAugment:
         """The target of an (H, W) image after ``params``: :meth:`TrainTransform.apply`'s box arithmetic, the same
         float operations in the same order (so the boxes are bit-identical)."""
         canvas_w, canvas_h, _, _ = params.get("expand") or (width, height, 0, 0)
-        x1, y1, x2, y2 = params["window"] or (0, 0, canvas_w, canvas_h)
-        boxes = params["boxes"].clone()
-        boxes[:, 0::2] /= float(x2 - x1)
-        boxes[:, 1::2] /= float(y2 - y1)
-        if params["flip"]:
-            boxes = torch.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], dim=1)
-        boxes = boxes.clamp_(0.0, 1.0)
-        labels = params["labels"]
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not bool(keep.all()):
-            boxes, labels = boxes[keep], labels[keep]
-        new_target = dict(target)
-        new_target["boxes"] = boxes.to(torch.float32).reshape(-1, 4)
-        new_target["labels"] = labels
-        return new_target
+        return window_target(target, params, params["window"] or (0, 0, canvas_w, canvas_h))
 
     def prepare(self, images: Sequence[Tensor], targets: Sequence[dict],
                 params: Sequence[dict] | None = None, skipped: int = 0) -> AugmentBatch:

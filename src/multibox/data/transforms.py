@@ -360,6 +360,27 @@ class _SeededMixin:
         return state
 
 
+def window_target(target: dict, params: dict, window: tuple[int, int, int, int]) -> dict:
+    """The target after the sampled geometry: kept boxes (in window pixels) scaled to [0, 1] of the window, flipped
+    if sampled, clipped; degenerate boxes dropped with their labels. Shared by the CPU and the batched pipelines so
+    both produce bit-identical boxes."""
+    x1, y1, x2, y2 = window
+    boxes = params["boxes"].clone()
+    boxes[:, 0::2] /= float(x2 - x1)
+    boxes[:, 1::2] /= float(y2 - y1)
+    if params["flip"]:
+        boxes = torch.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], dim=1)
+    boxes = boxes.clamp_(0.0, 1.0)
+    labels = params["labels"]
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if not bool(keep.all()):
+        boxes, labels = boxes[keep], labels[keep]
+    new_target = dict(target)
+    new_target["boxes"] = boxes.to(torch.float32).reshape(-1, 4)
+    new_target["labels"] = labels
+    return new_target
+
+
 class TrainTransform(_SeededMixin):
     """Training augmentation: [zoom-out] -> crop -> resize -> flip -> [photometric distortion] -> colour jitter
     -> normalise.
@@ -490,7 +511,6 @@ class TrainTransform(_SeededMixin):
         else:
             canvas_w, canvas_h, left, top = expand
             window = params["window"] or (0, 0, canvas_w, canvas_h)
-            x1, y1, x2, y2 = window
             # The canvas is never built: the output starts as the (normalised) fill and receives the visible part
             # of the source, resized once to where it lands.
             x = self.fill_normalised.expand(3, self.size, self.size).clone()
@@ -499,22 +519,9 @@ class TrainTransform(_SeededMixin):
                 (sx1, sy1, sx2, sy2), (ox1, oy1, ox2, oy2) = placed
                 patch = _resize_to(image, sy1, sx1, sy2 - sy1, sx2 - sx1, [oy2 - oy1, ox2 - ox1], self.resize)
                 x[:, oy1:oy2, ox1:ox2] = self._colour(patch.float(), params)
-        boxes = params["boxes"].clone()
-        boxes[:, 0::2] /= float(x2 - x1)
-        boxes[:, 1::2] /= float(y2 - y1)
         if params["flip"]:
             x = x.flip(-1)
-            boxes = torch.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], dim=1)
-        boxes = boxes.clamp_(0.0, 1.0)
-        labels = params["labels"]
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        if not bool(keep.all()):
-            boxes, labels = boxes[keep], labels[keep]
-
-        new_target = dict(target)
-        new_target["boxes"] = boxes.to(torch.float32).reshape(-1, 4)
-        new_target["labels"] = labels
-        return x, new_target
+        return x, window_target(target, params, window)
 
     def __call__(self, image: torch.Tensor, target: dict,
                  key: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:

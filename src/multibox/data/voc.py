@@ -229,14 +229,7 @@ class VOCDetection(DetectionDataset):
                 w, h = xmax - xmin + 1.0, ymax - ymin + 1.0
                 rows.append((next_ann, xmin - 1.0, ymin - 1.0, w, h, w * h, label_of[o.name], difficult))
                 next_ann += 1
-            if rows:
-                cols = list(zip(*rows))
-                arrays = {"ann_ids": np.asarray(cols[0], np.int64),
-                          "bbox_ltwh": np.asarray(cols[1:5], np.float64).T.copy(),
-                          "areas": np.asarray(cols[5], np.float64), "category_ids": np.asarray(cols[6], np.int64),
-                          "crowd": np.asarray(cols[7], bool)}
-            else:
-                arrays = ImageRecord.empty_arrays()
+            arrays = ImageRecord.arrays_from_rows(rows)
             record = ImageRecord(image_id, f"JPEGImages/{stem}.jpg", info["width"], info["height"], **arrays)
             if not keep_empty and not (~record.crowd if not self.keep_crowd else np.ones(record.num_boxes, bool)).any():
                 report["empty_images_dropped"] += 1
