@@ -34,6 +34,15 @@ def as_uint8_chw(image: ImageLike) -> Tensor:
     raise TypeError(f"cannot read an image from {type(image).__name__}")
 
 
+def image_batches(images: ImageLike | Sequence[ImageLike], batch_size: int):
+    """One image or a sequence -> batches of (uint8 (3, H, W) images, their (H, W) sizes)."""
+    if isinstance(images, (str, os.PathLike, Tensor, np.ndarray)):
+        images = [images]
+    for start in range(0, len(images), batch_size):
+        batch = [as_uint8_chw(img) for img in images[start:start + batch_size]]
+        yield batch, [tuple(img.shape[-2:]) for img in batch]
+
+
 class Detector:
     """A trained SSD with its preprocessing and postprocessing.
 
@@ -54,12 +63,8 @@ class Detector:
     @torch.no_grad()
     def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 16) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes`` (K, 4) xyxy in the image's pixels, ``scores`` (K,), ``labels`` (K,)."""
-        if isinstance(images, (str, os.PathLike, Tensor, np.ndarray)):
-            images = [images]
         results: list[dict[str, Tensor]] = []
-        for start in range(0, len(images), batch_size):
-            batch = [as_uint8_chw(img) for img in images[start:start + batch_size]]
-            sizes = [tuple(img.shape[-2:]) for img in batch]
+        for batch, sizes in image_batches(images, batch_size):
             with autocast(self.device, amp_dtype(self.cfg, self.device)):
                 loc, cls = self.model(self.preprocess(batch))
             results += self.postprocess(loc, cls, self.model.anchors_cxcywh, sizes)

@@ -384,14 +384,10 @@ class OnnxDetector:
 
     def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 16) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes`` (K, 4) xyxy in the image's pixels, ``scores`` (K,), ``labels`` (K,)."""
-        from .api import as_uint8_chw
+        from .api import image_batches
 
-        if isinstance(images, (str, os.PathLike, Tensor, np.ndarray)):
-            images = [images]
         results: list[dict[str, Tensor]] = []
-        for start in range(0, len(images), batch_size):
-            batch = [as_uint8_chw(img) for img in images[start:start + batch_size]]
-            sizes = [tuple(img.shape[-2:]) for img in batch]
+        for batch, sizes in image_batches(images, batch_size):
             stacked = torch.stack([resize_for_model(img, self.image_size, self.resize) for img in batch])
             outputs = self.run(stacked)
             if self.has_postprocess:
