@@ -16,6 +16,15 @@ def vgg_block(in_channels: int, widths: tuple[int, ...], bias: bool) -> nn.Seque
     return nn.Sequential(*layers)
 
 
+def vgg16_blocks(bias: bool) -> nn.ModuleList:
+    """VGG16's five convolution blocks (13 3x3 convolutions, each followed by ReLU), without the pools."""
+    blocks, in_channels = [], 3
+    for widths in VGG16_BLOCKS:
+        blocks.append(vgg_block(in_channels, widths, bias=bias))
+        in_channels = widths[-1]
+    return nn.ModuleList(blocks)
+
+
 class TutorialVGG16Backbone(nn.Module):
     """The tutorial's SSD300 trunk, layer for layer (SPEC §2).
 
@@ -31,11 +40,7 @@ class TutorialVGG16Backbone(nn.Module):
 
     def __init__(self, dropout: float = 0.5):
         super().__init__()
-        blocks, in_channels = [], 3
-        for widths in VGG16_BLOCKS:
-            blocks.append(vgg_block(in_channels, widths, bias=False))
-            in_channels = widths[-1]
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = vgg16_blocks(bias=False)
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.pool5 = nn.MaxPool2d(3, 1, padding=1)
         self.fc6 = nn.Conv2d(512, 1024, 3, padding=6, dilation=6, bias=False)
@@ -118,11 +123,7 @@ class PaperVGG16Backbone(nn.Module):
 
     def __init__(self, highres: bool = False):
         super().__init__()
-        blocks, in_channels = [], 3
-        for widths in VGG16_BLOCKS:
-            blocks.append(vgg_block(in_channels, widths, bias=True))
-            in_channels = widths[-1]
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = vgg16_blocks(bias=True)
         self.pool = nn.MaxPool2d(2, 2)
         self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.pool5 = nn.MaxPool2d(3, 1, padding=1)
