@@ -16,10 +16,14 @@ from multibox.data.synth import generate_synthetic_coco
 
 # A narrow tiny SSD; BatchNorm frozen (train.freeze_bn) so that an image's loss does not depend on its batch
 # mates: then the 2 x 2 run and the 1 x 4 run compute the same gradients. No augmentation (the two runs
-# would draw different random crops).
+# would draw different random crops). NCHW layout: its convolutions round the same way at batch 2 and 4, so the two
+# runs agree to 1e-6; NHWC (oneDNN's blocked kernels) rounds differently per batch size, which after 4 steps moves
+# the weights of this narrow net by ~5e-5 (as NCHW vs NHWC does in one process): a tolerance that loose could hide
+# a DDP bug.
 COMMON = ["model.widths=[8, 8, 8, 8, 8, 8, 8, 8]", "train.optimizer=sgd", "data.crop_rule=none", "data.flip_p=0", "data.jitter=[0, 0, 0]",
           "data.num_workers=0", "train.epochs=2", "train.lr=0.02", "train.warmup_epochs=1", "train.log_every=1",
-          "train.checkpoint_every=0", "train.threads=1", "train.freeze_bn=true", "eval.batch_size=4"]
+          "train.checkpoint_every=0", "train.threads=1", "train.freeze_bn=true", "eval.batch_size=4",
+          "train.channels_last=false"]
 
 
 def _args(ann, out, batch):

@@ -16,7 +16,8 @@ from .data.transforms import build_eval_transform
 from .engine import autocast
 from .models import SSD, build_model
 from .postprocess import PostProcessor
-from .train import amp_dtype, build_postprocessor, resolve_device
+from .inference import apply_inference_arguments, inference_dtype, prepare_for_inference
+from .train import build_postprocessor, resolve_device
 
 ImageLike = Union[str, os.PathLike, Tensor, np.ndarray]
 
@@ -51,30 +52,37 @@ class Detector:
     """
 
     def __init__(self, model: SSD, cfg: Config, class_names: Sequence[str], device: torch.device):
-        self.model = model.eval().to(device)
+        self.model = prepare_for_inference(model, cfg, device)
         self.cfg, self.class_names, self.device = cfg, list(class_names), device
         self.postprocess: PostProcessor = build_postprocessor(cfg)
         self.transform = build_eval_transform(cfg)
+        self.dtype = inference_dtype(cfg, device)
 
     def preprocess(self, images: Sequence[Tensor]) -> Tensor:
-        """uint8 (3, H_i, W_i) images -> (N, 3, S, S) normalised batch, exactly as evaluation prepares them."""
-        return torch.stack([self.transform(img)[0] for img in images]).to(self.device)
+        """uint8 (3, H_i, W_i) images -> (N, 3, S, S) normalised batch on the device, as evaluation prepares them.
+
+        The uint8 images go to the device first (a quarter of float32's bytes) and are resized there."""
+        return self.transform.batch([img.to(self.device, non_blocking=True) for img in images])
 
     @torch.no_grad()
     def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 16) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes`` (K, 4) xyxy in the image's pixels, ``scores`` (K,), ``labels`` (K,)."""
         results: list[dict[str, Tensor]] = []
         for batch, sizes in image_batches(images, batch_size):
-            with autocast(self.device, amp_dtype(self.cfg, self.device)):
+            with autocast(self.device, self.dtype):
                 loc, cls = self.model(self.preprocess(batch))
             results += self.postprocess(loc, cls, self.model.anchors_cxcywh, sizes)
         return [{k: v.cpu() for k, v in r.items()} for r in results]
 
 
-def load(checkpoint: str | Path, device: str = "auto") -> Detector:
-    """Rebuild a detector from a checkpoint alone (weights, config, class names)."""
+def load(checkpoint: str | Path, device: str = "auto", precision: str | None = None,
+         compile: bool | None = None) -> Detector:
+    """Rebuild a detector from a checkpoint alone (weights, config, class names).
+
+    ``precision`` (auto | fp32 | bf16 | fp16) and ``compile`` override the checkpoint's ``eval.precision`` and
+    ``eval.compile``."""
     payload = load_checkpoint(checkpoint)
-    cfg = Config.from_dict(payload["config"])
+    cfg = apply_inference_arguments(Config.from_dict(payload["config"]), precision, compile)
     model = build_model(cfg, load_backbone_weights=False)
     model.load_state_dict(payload["model"])
     return Detector(model, cfg, payload["class_names"], resolve_device(device))

@@ -136,11 +136,6 @@ def autocast_ctx(device: torch.device, amp: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
 
 
-def _channels_last(model: nn.Module, device: torch.device) -> nn.Module:
-    """NHWC convolutions: oneDNN on the CPU (~1.5-2x for VGG here) and cuDNN tensor cores under bf16 both want it."""
-    return model.to(memory_format=torch.channels_last)
-
-
 def _maybe_compile(model: nn.Module, compile_: bool) -> nn.Module:
     return torch.compile(model) if compile_ else model
 
@@ -153,13 +148,15 @@ class _OurTrainer:
     def __init__(self, cfg: Config, device: torch.device, amp: torch.dtype | None, compile_: bool = False):
         from .train import build_criterion, build_encoder, build_optimizer
         self.device, self.amp = device, amp
-        self.model = _channels_last(build_model(cfg).to(device), device).train()
+        self.model = build_model(cfg).to(device).train()
+        if cfg.train.channels_last:   # as fit() does
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion, self.encoder = build_criterion(cfg), build_encoder(cfg, device)
         self.optimizer = build_optimizer(cfg, self.model)
         self.forward = _maybe_compile(self.model, compile_)
 
     def step(self, images: Tensor, boxes: list[Tensor], labels: list[Tensor]) -> None:
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(self.device, non_blocking=True)
         gt_boxes, gt_labels = pad_targets(boxes, labels, self.device)
         loc_t, lab_t = self.encoder(gt_boxes, gt_labels)
         with autocast_ctx(self.device, self.amp):
@@ -328,16 +325,12 @@ def budget_hook(budget: int | None, activation: str, seed: int):
 
 
 def _detector(cfg: Config, device: torch.device, amp: torch.dtype | None, compile_: bool):
+    """multibox's Detector as ``multibox predict`` builds it (NHWC, ``eval.precision``, ``eval.compile``)."""
     from .api import Detector
 
-    cfg.train.amp = amp is not None
-    if amp is not None:
-        cfg.train.amp_dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[amp]
-    detector = Detector(build_model(cfg), cfg, ["background"] + [f"c{i}" for i in range(1, NUM_CLASSES + 1)], device)
-    _channels_last(detector.model, device)
-    if compile_:
-        detector.model = torch.compile(detector.model)   # attributes (anchors_cxcywh) pass through
-    return detector
+    cfg.eval.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    cfg.eval.compile = compile_
+    return Detector(build_model(cfg), cfg, ["background"] + [f"c{i}" for i in range(1, NUM_CLASSES + 1)], device)
 
 
 def _class_heads(detector) -> list[nn.Module]:
@@ -521,7 +514,8 @@ def profile_ours(preset: str, device: torch.device, batch: int, amp: torch.dtype
 
 def row(name: str, ours: float, theirs: float, unit: str, lower_is_better: bool = False, **extra) -> dict:
     ratio = theirs / ours if lower_is_better else ours / theirs
-    return {"name": name, "multibox": round(ours, 3), "reference": round(theirs, 3), "unit": unit,
+    # 4 significant digits: toy sizes in the tests give sub-millisecond numbers that 3 decimals would zero
+    return {"name": name, "multibox": float(f"{ours:.4g}"), "reference": float(f"{theirs:.4g}"), "unit": unit,
             "ratio": round(ratio, 2), **extra}
 
 
@@ -546,7 +540,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown --only lines {sorted(unknown)}; choose from {', '.join(LINES)}")
     arch, compile_ = args.arch, args.compile
-    for precision in (args.precision.split(",") if device.type == "cuda" else ["fp32"]):
+    for precision in args.precision.split(","):
         amp = precisions[precision]
         if "train_step" in only:
             rows.append({**bench_train_step(args.preset, device, args.train_batch, amp, args.iters, arch, compile_,
@@ -575,7 +569,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="ssd300-vgg16", help="multibox preset (the reference is always torchvision's)")
     p.add_argument("--arch", default="ssd300_vgg16", choices=["ssd300_vgg16", "tiny"],
                    help="tiny: both systems on multibox's tiny trunk (a fast smoke test of every line)")
-    p.add_argument("--precision", default="bf16,fp32", help="CUDA only: comma-separated bf16,fp32")
+    p.add_argument("--precision", default=None, help="comma-separated bf16,fp32: both systems autocast alike "
+                                                      "(cuda: bf16,fp32; cpu: fp32 -- bf16 needs AVX512-BF16/AMX)")
     p.add_argument("--train-batch", type=int, default=None, help="train_step / train_e2e batch (cuda 64, cpu 4)")
     p.add_argument("--infer-batches", type=int, nargs="+", default=None, help="(cuda: 1 64, cpu: 1 8)")
     p.add_argument("--budget", type=int, default=100, help="confident boxes per image in the realistic case")
@@ -605,6 +600,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def _defaults(args: argparse.Namespace) -> None:
     cuda = args.device.startswith("cuda")
+    args.precision = args.precision or ("bf16,fp32" if cuda else "fp32")
     args.train_batch = args.train_batch or (64 if cuda else 4)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])
     args.iters = args.iters or (20 if cuda else 3)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .bench import add_bench_parser
 from .export import add_export_parser
+from .inference import add_inference_arguments
 from .predict import add_predict_parser
 from .data.shards import add_convert_parser
 from .data.validate import add_check_data_parser
@@ -35,26 +36,31 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
-    from .config import Config
+    from .config import Config, set_override
     from .data.build import build_splits
     from .evaluation import format_per_class_table, write_eval_json
     from .models import build_model
     from .report import write_eval_report
-    from .train import evaluate_model, resolve_device
+    from .inference import apply_inference_arguments, prepare_for_inference
+    from .train import category_map_by_name, evaluate_model, resolve_device
 
     payload = load_checkpoint(args.checkpoint)
-    cfg = Config.from_dict(payload["config"])
+    raw = payload["config"]
+    for assignment in args.set:   # e.g. data.voc_split=test, eval.score_threshold=0.01
+        set_override(raw, assignment)
+    cfg = apply_inference_arguments(Config.from_dict(raw), args.precision, args.compile)
     if args.data:   # evaluate every image of another COCO-format set
         cfg.data.path, cfg.data.val_path = args.data, args.data
     splits = build_splits(cfg)
-    if splits.class_names != payload["class_names"]:
-        raise SystemExit(f"error: the data's classes {splits.class_names[1:]} differ from the checkpoint's "
-                         f"{payload['class_names'][1:]}")
+    try:   # by class name: a checkpoint with more classes (torchvision's 91 COCO slots) evaluates on the data's
+        category_map = category_map_by_name(payload["class_names"], splits)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")
     device = resolve_device(args.device)
     model = build_model(cfg, load_backbone_weights=False)
     model.load_state_dict(payload["model"])
-    result, detections = evaluate_model(cfg, model.to(device), splits, device, progress=True,
-                                        return_detections=True)
+    result, detections = evaluate_model(cfg, prepare_for_inference(model, cfg, device), splits, device, progress=True,
+                                        return_detections=True, label_to_category_id=category_map)
     print(result.summary)
     print(format_per_class_table(result.per_class))
     out = Path(args.out or Path(args.checkpoint).parent)
@@ -92,9 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="COCO evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", help="COCO annotation JSON (default: the checkpoint's evaluation split)")
+    p.add_argument("--data", help="COCO annotation JSON, VOC folder or shards (default: the checkpoint's evaluation "
+                                  "split)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the checkpoint's config (data.voc_split=test, eval.score_threshold=0.01)")
     p.add_argument("--out", help="folder for eval.json (default: the checkpoint's folder)")
     p.add_argument("--device", default="auto")
+    add_inference_arguments(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("synth", help="write the synthetic COCO-format demo dataset")

@@ -104,6 +104,7 @@ class TrainConfig:
     grad_clip: float | None = None
     amp: bool = True                       # autocast on CUDA only
     amp_dtype: str = "bfloat16"
+    channels_last: bool = True             # NHWC weights/activations: faster oneDNN (CPU) and cuDNN (CUDA) convolutions
     eval_every: int = 0                    # epochs; 0 = only at the end
     checkpoint_every: int = 10
     log_every: int = 10                    # steps
@@ -129,6 +130,9 @@ class EvalConfig:
     pre_nms_top_k: int | None = None       # candidates per class before NMS (torchvision: 400)
     batch_size: int = 16
     backend: str = "faster"                # faster (faster-coco-eval) | pycocotools
+    precision: str = "auto"                # inference autocast: auto (train.amp's dtype on CUDA, fp32 on CPU) | fp32
+                                           # | bf16 | fp16 (bf16 is ~2x faster on CPUs with AVX512-BF16 or AMX)
+    compile: bool = False                  # torch.compile the network for predict / eval / bench (fixed shapes)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .inference import add_inference_arguments
 from .video import VIDEO_SUFFIXES
 
 __all__ = ["IMAGE_SUFFIXES", "DetectionFilter", "add_predict_parser", "collect_inputs", "load_detector",
@@ -58,10 +59,11 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]
     return images, videos
 
 
-def load_detector(model_path: str | Path, backend: str = "auto", device: str = "auto", threads: int = 0):
+def load_detector(model_path: str | Path, backend: str = "auto", device: str = "auto", threads: int = 0,
+                  precision: str | None = None, compile_: bool | None = None):
     """A :class:`multibox.api.Detector` (``backend="torch"``, a ``.pt`` checkpoint) or a
     :class:`multibox.export.OnnxDetector` (``backend="onnxruntime"``, an exported ``.onnx`` file).
-    ``auto`` picks by the file's suffix."""
+    ``auto`` picks by the file's suffix; ``precision`` and ``compile_`` apply to the torch backend."""
     path = Path(model_path)
     if backend == "auto":
         backend = "onnxruntime" if path.suffix.lower() == ".onnx" else "torch"
@@ -70,7 +72,7 @@ def load_detector(model_path: str | Path, backend: str = "auto", device: str = "
         return OnnxDetector(path, threads=threads)
     if backend == "torch":
         from .api import load
-        return load(path, device)
+        return load(path, device, precision, compile_)
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -220,7 +222,7 @@ def run_predict(detector, inputs: Sequence[str | Path], out: str | Path, score: 
 
 
 def _predict(args: argparse.Namespace) -> int:
-    detector = load_detector(args.checkpoint, args.backend, args.device, args.threads)
+    detector = load_detector(args.checkpoint, args.backend, args.device, args.threads, args.precision, args.compile)
     summary = run_predict(detector, args.inputs, args.out, score=args.score, classes=args.classes,
                           max_det=args.max_det, batch_size=args.batch_size, progress=not args.no_progress,
                           draw=not args.no_draw)
@@ -251,6 +253,7 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="torch backend: auto | cpu | cuda[:i]")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    add_inference_arguments(p)
     p.add_argument("--no-draw", action="store_true", help="write detections.json only")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_predict)
