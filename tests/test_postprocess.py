@@ -253,3 +253,17 @@ def test_grouped_nms_chunking_is_exact(max_per_call):
     expected = torch.cat(expected)
     expected = expected[torch.argsort(scores[expected], descending=True)]
     assert torch.equal(got, expected)
+
+
+def test_detections_to_cpu_keeps_each_images_detections():
+    from multibox.postprocess import detections_to_cpu
+
+    g = torch.Generator().manual_seed(0)
+    detections = [{"boxes": torch.rand(n, 4, generator=g), "scores": torch.rand(n, generator=g),
+                   "labels": torch.randint(1, 5, (n,), generator=g)} for n in (2, 0, 3)]
+    moved = detections_to_cpu(detections)
+    assert len(moved) == 3 and detections_to_cpu([]) == []
+    for before, after in zip(detections, moved):
+        assert set(after) == {"boxes", "scores", "labels"}
+        for key in before:
+            assert torch.equal(after[key], before[key]) and after[key].device.type == "cpu"

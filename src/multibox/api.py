@@ -15,7 +15,7 @@ from .data.coco import read_image_rgb
 from .data.transforms import build_eval_transform
 from .engine import autocast
 from .models import SSD, build_model
-from .postprocess import PostProcessor
+from .postprocess import PostProcessor, detections_to_cpu
 from .inference import apply_inference_arguments, inference_dtype, prepare_for_inference
 from .train import build_postprocessor, resolve_device
 
@@ -71,8 +71,8 @@ class Detector:
         for batch, sizes in image_batches(images, batch_size):
             with autocast(self.device, self.dtype):
                 loc, cls = self.model(self.preprocess(batch))
-            results += self.postprocess(loc, cls, self.model.anchors_cxcywh, sizes)
-        return [{k: v.cpu() for k, v in r.items()} for r in results]
+            results += detections_to_cpu(self.postprocess(loc, cls, self.model.anchors_cxcywh, sizes))
+        return results
 
 
 def load(checkpoint: str | Path, device: str = "auto", precision: str | None = None,

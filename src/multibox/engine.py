@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from .boxes import xyxy_to_ltwh
 from .matching import TargetEncoder, pad_targets
-from .postprocess import PostProcessor
+from .postprocess import PostProcessor, detections_to_cpu
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -254,6 +254,6 @@ def collect_coco_results(model: nn.Module, postprocess: PostProcessor, loader: I
                          progress: bool = False) -> list[dict]:
     results: list[dict] = []
     for targets, detections in predict_batches(model, postprocess, loader, device, amp_dtype, progress):
-        for target, det in zip(targets, detections):
+        for target, det in zip(targets, detections_to_cpu(detections)):
             results += to_coco_results(int(target["image_id"]), det, label_to_category_id)
     return results

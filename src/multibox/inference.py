@@ -45,7 +45,8 @@ def compile_for_inference(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def prepare_for_inference(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
-    """The network on ``device`` in eval mode, NHWC when ``train.channels_last``, compiled when ``eval.compile``.
+    """The network on ``device`` in eval mode, NHWC when ``train.channels_last`` (in place, as ``nn.Module.to``),
+    compiled when ``eval.compile``.
 
     The returned module has the network's attributes (``anchors_cxcywh``) whether compiled or not."""
     model = model.eval().to(device)
