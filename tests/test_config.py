@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from multibox.config import Config, load_config, preset_names, save_config
+from multibox.config import Config, ConfigError, load_config, preset_names, save_config
 
 
 def test_presets_are_shipped():
@@ -26,15 +26,25 @@ def test_overrides_parse_yaml_values():
     assert cfg.eval.max_per_image is None and cfg.data.path == "x.json"
 
 
-@pytest.mark.parametrize("bad", ["train.epoch=3", "nosection.x=1", "train=3"])
+@pytest.mark.parametrize("bad", ["train.epoch=3", "nosection.x=1", "train=3", "train.epochs.x=1", "train.lr=[1",
+                                 "train.lr"])
 def test_unknown_or_malformed_keys_are_errors(bad):
-    with pytest.raises((KeyError, TypeError)):
+    with pytest.raises(ConfigError):
         load_config("tiny", [bad])
 
 
 def test_missing_preset_lists_available():
-    with pytest.raises(FileNotFoundError, match="tiny"):
+    with pytest.raises(ConfigError, match="tiny"):
         load_config("no-such-preset")
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    from multibox.cli import main
+
+    assert main(["train", "--set", "train.epochz=1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: unknown config key 'train.epochz'"
+    assert main(["train", "--data", "no-such-file.json"]) == 2
+    assert capsys.readouterr().err.startswith("error: data source 'no-such-file.json': not a COCO JSON file")
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -46,5 +56,5 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_numeric_fields_reject_words():
-    with pytest.raises(TypeError, match="train.lr"):
+    with pytest.raises(ConfigError, match="train.lr"):
         load_config("tiny", ["train.lr=fast"])

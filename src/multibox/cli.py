@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError, CheckpointWriteError
+    from .config import ConfigError
     from .data.coco import CocoFormatError
     from .data.shards import ShardError
     from .engine import NonFiniteTrainingError
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, CheckpointWriteError, CocoFormatError, ShardError, NonFiniteTrainingError) as err:
+    except (CheckpointError, CheckpointWriteError, ConfigError, CocoFormatError, ShardError,
+            NonFiniteTrainingError, FileNotFoundError) as err:
         # Expected failures on bad input get one clear line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

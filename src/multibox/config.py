@@ -14,6 +14,11 @@ from typing import Any
 
 import yaml
 
+class ConfigError(ValueError):
+    """A configuration that cannot be used: an unknown key, a value of the wrong type, malformed YAML or ``--set``,
+    a preset that does not exist. The message names the key or file."""
+
+
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
@@ -159,11 +164,11 @@ def merge(cfg: Any, raw: dict[str, Any], prefix: str = "") -> None:
     for key, value in raw.items():
         name = f"{prefix}{key}"
         if not hasattr(cfg, key) or key.startswith("_"):
-            raise KeyError(f"unknown config key {name!r}")
+            raise ConfigError(f"unknown config key {name!r}")
         current = getattr(cfg, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise TypeError(f"config key {name!r} is a section; got {value!r}")
+                raise ConfigError(f"config key {name!r} is a section; got {value!r}")
             merge(current, value, name + ".")
         else:
             setattr(cfg, key, _coerce(value, typing.get_type_hints(type(cfg))[key], name))
@@ -176,7 +181,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         try:
             return float(value) if float in numeric else int(value)
         except ValueError:
-            raise TypeError(f"config key {name!r} expects a number, got {value!r}") from None
+            raise ConfigError(f"config key {name!r} expects a number, got {value!r}") from None
     if isinstance(value, int) and not isinstance(value, bool) and float in numeric:
         return float(value)
     return value
@@ -187,9 +192,12 @@ def preset_names() -> list[str]:
 
 
 def _read_yaml(text: str, origin: str) -> dict[str, Any]:
-    raw = yaml.safe_load(text) or {}
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{origin}: a config must be a mapping, got {type(raw).__name__}")
+        raise ConfigError(f"{origin}: a config must be a mapping, got {type(raw).__name__}")
     return raw
 
 
@@ -197,12 +205,17 @@ def set_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply ``a.b=value`` to a nested dict; the value is parsed as YAML (numbers, lists, null, booleans)."""
     key, sep, text = assignment.partition("=")
     if not sep or not key:
-        raise ValueError(f"--set expects key=value, got {assignment!r}")
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
     *parents, leaf = key.strip().split(".")
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
-    node[leaf] = yaml.safe_load(text)
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+    try:
+        node[leaf] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: not a YAML value ({err})") from None
 
 
 def load_config(preset_or_file: str | None = "tiny", overrides: list[str] = ()) -> Config:
@@ -216,7 +229,7 @@ def load_config(preset_or_file: str | None = "tiny", overrides: list[str] = ()) 
             text = resources.files("multibox.configs").joinpath(f"{preset_or_file}.yaml").read_text()
             raw = _read_yaml(text, preset_or_file)
         else:
-            raise FileNotFoundError(f"no preset or config file {preset_or_file!r}; presets: {', '.join(preset_names())}")
+            raise ConfigError(f"no preset or config file {preset_or_file!r}; presets: {', '.join(preset_names())}")
     for assignment in overrides:
         set_override(raw, assignment)
     return Config.from_dict(raw)
