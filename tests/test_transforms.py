@@ -17,7 +17,6 @@ from multibox.data.transforms import (
     EvalTransform,
     TrainTransform,
     crop_acceptable,
-    random_sample_crop,
     sample_crop_window,
 )
 
@@ -181,7 +180,7 @@ def test_whole_image_box_tutorial_vs_paper():
         g = torch.Generator().manual_seed(0)
         out = []
         for _ in range(200):
-            window, kept, labels = random_sample_crop(box, torch.tensor([1]), width, height, g, rule, (0.9,))
+            window, kept, labels, _ = sample_crop_window(box, torch.tensor([1]), width, height, g, rule, (0.9,))
             if window is not None:
                 out.append((window[2] - window[0]) * (window[3] - window[1]) / (width * height))
                 assert kept.shape == (1, 4) and labels.tolist() == [1]

@@ -58,7 +58,6 @@ __all__ = [
     "CropSample",
     "crop_acceptable",
     "sample_crop_window",
-    "random_sample_crop",
     "TrainTransform",
     "EvalTransform",
     "RESIZE_MODES",
@@ -188,21 +187,6 @@ def sample_crop_window(
     kept = torch.minimum(torch.maximum(kept, win[:2].repeat(2)), win[2:].repeat(2)) - win[:2].repeat(2)
     window = tuple(int(v) for v in windows[i].tolist())
     return CropSample(window, kept, labels[keep], t)
-
-
-def random_sample_crop(
-    boxes_xyxy: torch.Tensor,
-    labels: torch.Tensor,
-    width: int,
-    height: int,
-    generator: torch.Generator | None = None,
-    rule: str = "tutorial",
-    min_ious: Sequence[float | None] = DEFAULT_MIN_IOUS,
-    max_trials: int = 50,
-) -> tuple[tuple[int, int, int, int] | None, torch.Tensor, torch.Tensor]:
-    """:func:`sample_crop_window` without the sampled threshold: ``(window, boxes, labels)``."""
-    s = sample_crop_window(boxes_xyxy, labels, width, height, generator, rule, min_ious, max_trials)
-    return s.window, s.boxes, s.labels
 
 
 # ---------------------------------------------------------------------------------------------- paper augmentation
