@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, load_config
+from .inference import PRECISIONS
 from .matching import pad_targets
 from .models import build_model
 
@@ -533,7 +534,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes, both systems alike
-    precisions = {"fp32": None, "bf16": torch.bfloat16}
     rows: list[dict] = []
     only = set(args.only.split(",")) if args.only else set(LINES)
     unknown = only - set(LINES)
@@ -541,7 +541,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"unknown --only lines {sorted(unknown)}; choose from {', '.join(LINES)}")
     arch, compile_ = args.arch, args.compile
     for precision in args.precision.split(","):
-        amp = precisions[precision]
+        amp = PRECISIONS[precision]
         if "train_step" in only:
             rows.append({**bench_train_step(args.preset, device, args.train_batch, amp, args.iters, arch, compile_,
                                             args.warmup), "precision": precision})
@@ -601,6 +601,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 def _defaults(args: argparse.Namespace) -> None:
     cuda = args.device.startswith("cuda")
     args.precision = args.precision or ("bf16,fp32" if cuda else "fp32")
+    unknown = set(args.precision.split(",")) - set(PRECISIONS)
+    if unknown:
+        raise SystemExit(f"unknown --precision {sorted(unknown)}; choose from {', '.join(PRECISIONS)}")
     args.train_batch = args.train_batch or (64 if cuda else 4)
     args.infer_batches = args.infer_batches or ([1, 64] if cuda else [1, 8])
     args.iters = args.iters or (20 if cuda else 3)
@@ -625,7 +628,7 @@ def main(args: argparse.Namespace) -> int:
     report = {"device": name, "title": title, "torch": torch.__version__, "torchvision": torchvision.__version__,
               "args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}
     if args.profile:
-        amp = torch.bfloat16 if device.type == "cuda" and "bf16" in args.precision else None
+        amp = PRECISIONS[args.precision.split(",")[0]]   # the first precision benchmarked
         report["profile"] = profile_ours(args.preset, device, args.train_batch, amp, args.arch,
                                          args.infer_batches[-1])
         for what, table in report["profile"].items():
