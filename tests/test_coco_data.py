@@ -107,6 +107,32 @@ def test_image_root_resolution(coco_dir, tmp_path_factory):
     assert ds_missing[0] is None  # training policy: an unreadable image is skipped, not fatal
 
 
+def test_official_coco_layout_needs_no_image_root(tmp_path):
+    """coco/annotations/instances_{train,val}2017.json with coco/{train,val}2017/: found as unpacked, and with
+    image_root=coco for both JSONs; check-data resolves the same files."""
+    from multibox.data.validate import check_coco
+
+    from _data_builders import make_clean_coco
+
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split, seed in (("train2017", 0), ("val2017", 1)):
+        made = make_clean_coco(tmp_path / split, num_images=2, seed=seed, images_dir=split)
+        (tmp_path / split / split).rename(coco / split)
+        made.rename(coco / "annotations" / f"instances_{split}.json")
+    for split in ("train2017", "val2017"):
+        ann = coco / "annotations" / f"instances_{split}.json"
+        for root in (None, coco):
+            ds = CocoDetection(ann, image_root=root)
+            assert ds.image_path(0) == coco / split / "img_000.jpg" and ds[0] is not None
+        assert check_coco(ann).num_errors == 0
+    other = coco / "annotations" / "mine.json"   # not COCO's naming: no split folder is guessed
+    other.write_text((coco / "annotations" / "instances_val2017.json").read_text())
+    with pytest.raises(FileNotFoundError, match="img_000.jpg"):
+        CocoDetection(other).image_path(0)
+    assert check_coco(other).num_errors > 0
+
+
 def test_exif_orientation_applied(tmp_path):
     arr = _rgb(20, 30, 4)
     img = Image.fromarray(arr)

@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 import zlib
 from collections import Counter
@@ -593,13 +594,31 @@ def index_coco(coco: dict, report: Counter) -> tuple[list[dict], list[ImageRecor
     return categories, records
 
 
+def coco_image_roots(ann_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Path]:
+    """The folders searched, in order, for the ``file_name`` entries of a COCO JSON.
+
+    ``image_root`` when given, else the JSON's folder and its ``images/``. For a JSON named like COCO's own
+    (``instances_<split>.json``) the split's folder comes next: ``<image_root>/<split>``, or, without
+    ``image_root``, ``<split>/`` and ``images/<split>/`` beside the JSON's folder -- the official layout
+    (``annotations/instances_val2017.json`` with ``val2017/``) works as unpacked, and one ``image_root`` serves
+    both the train and the val JSON."""
+    ann_file = Path(ann_file)
+    roots = [Path(image_root)] if image_root is not None else [ann_file.parent, ann_file.parent / "images"]
+    match = re.fullmatch(r"instances_(\w+)\.json", ann_file.name)
+    if match is not None:
+        split = match.group(1)
+        roots += [Path(image_root) / split] if image_root is not None else \
+            [ann_file.parent.parent / split, ann_file.parent.parent / "images" / split]
+    return roots
+
+
 class CocoDetection(DetectionDataset):
     """A torch ``Dataset`` over a COCO instances annotation file (COCO 2017 or any COCO-format export).
 
     Args:
         ann_file: path of the COCO JSON.
         image_root: folder the ``file_name`` entries are relative to. Default: the JSON's
-            folder, then ``<JSON folder>/images``.
+            folder, then ``<JSON folder>/images``; see :func:`coco_image_roots`.
         keep_empty: keep images that have no box (background samples for training).
         transform: optional callable ``(image, target) -> (image, target)``.
 
@@ -620,10 +639,7 @@ class CocoDetection(DetectionDataset):
         with open(self.ann_file, "rb") as f:
             coco = parse_coco_json(f.read(), str(self.ann_file))
         _raise_structure(coco_structure_errors(coco, limit=2), str(self.ann_file))
-        if image_root is not None:
-            self._roots = [Path(image_root)]
-        else:
-            self._roots = [self.ann_file.parent, self.ann_file.parent / "images"]
+        self._roots = coco_image_roots(self.ann_file, image_root)
         report: Counter = Counter()
         categories, records = index_coco(coco, report)
         if not keep_empty:

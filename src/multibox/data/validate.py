@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .coco import DEFAULT_MAX_IMAGE_PIXELS, CocoFormatError, coco_structure_errors, parse_coco_json
+from .coco import (DEFAULT_MAX_IMAGE_PIXELS, CocoFormatError, coco_image_roots, coco_structure_errors,
+                   parse_coco_json)
 
 __all__ = ["Problem", "Report", "check_dataset", "check_coco", "check_voc", "check_shards", "inspect_image_bytes",
            "add_check_data_parser", "run_check_data"]
@@ -292,7 +293,7 @@ def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None
     except (OSError, CocoFormatError) as err:
         report.add("bad_annotation_file", ann_file, str(err))
         return report
-    roots = [Path(image_root)] if image_root else [ann_file.parent, ann_file.parent / "images"]
+    roots = coco_image_roots(ann_file, image_root or None)
     src = str(ann_file)
 
     # Items of the wrong JSON shape are reported by field (training refuses the file) and left out of the checks.
