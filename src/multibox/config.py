@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+
 class ConfigError(ValueError):
     """A configuration that cannot be used: an unknown key, a value of the wrong type, malformed YAML or ``--set``,
     a preset that does not exist. The message names the key or file."""
