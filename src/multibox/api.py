@@ -14,7 +14,7 @@ from .config import Config
 from .data.coco import read_image_rgb
 from .data.transforms import build_eval_transform
 from .engine import autocast
-from .models import SSD, build_model
+from .models import SSD, model_from_state_dict
 from .postprocess import PostProcessor, detections_to_cpu
 from .inference import apply_inference_arguments, inference_dtype, prepare_for_inference
 from .train import build_postprocessor, resolve_device
@@ -83,6 +83,4 @@ def load(checkpoint: str | Path, device: str = "auto", precision: str | None = N
     ``eval.compile``."""
     payload = load_checkpoint(checkpoint)
     cfg = apply_inference_arguments(Config.from_dict(payload["config"]), precision, compile)
-    model = build_model(cfg, load_backbone_weights=False)
-    model.load_state_dict(payload["model"])
-    return Detector(model, cfg, payload["class_names"], resolve_device(device))
+    return Detector(model_from_state_dict(cfg, payload["model"]), cfg, payload["class_names"], resolve_device(device))

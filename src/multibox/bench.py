@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config, load_config
+from .engine import autocast
 from .inference import PRECISIONS
 from .matching import pad_targets
 from .models import build_model
@@ -133,10 +134,6 @@ def torchvision_ssd(device: torch.device, arch: str = "ssd300_vgg16") -> nn.Modu
                image_mean=[0.48235, 0.45882, 0.40784], image_std=[1.0 / 255.0] * 3).to(device)
 
 
-def autocast_ctx(device: torch.device, amp: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
-
-
 def _maybe_compile(model: nn.Module, compile_: bool) -> nn.Module:
     return torch.compile(model) if compile_ else model
 
@@ -160,7 +157,7 @@ class _OurTrainer:
         images = images.to(self.device, non_blocking=True)
         gt_boxes, gt_labels = pad_targets(boxes, labels, self.device)
         loc_t, lab_t = self.encoder(gt_boxes, gt_labels)
-        with autocast_ctx(self.device, self.amp):
+        with autocast(self.device, self.amp):
             loc, cls = self.forward(images)
         loss = self.criterion(loc, cls, loc_t, lab_t)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -179,7 +176,7 @@ class _TheirTrainer:
     def step(self, images: list[Tensor], targets: list[dict]) -> None:
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with autocast_ctx(self.device, self.amp):
+        with autocast(self.device, self.amp):
             losses = self.model(images, targets)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -358,7 +355,7 @@ def bench_infer(preset: str, device: torch.device, batch: int, amp: torch.dtype 
 
     @torch.no_grad()
     def their():
-        with autocast_ctx(device, amp):
+        with autocast(device, amp):
             out = theirs([img.to(device, non_blocking=True).float() / 255.0 for img in images])
         return [{k: v.cpu() for k, v in d.items()} for d in out]   # as predict() returns them
 

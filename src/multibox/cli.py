@@ -39,7 +39,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .config import Config, set_override
     from .data.build import build_splits
     from .evaluation import format_per_class_table, write_eval_json
-    from .models import build_model
+    from .models import model_from_state_dict
     from .report import write_eval_report
     from .inference import apply_inference_arguments, prepare_for_inference
     from .train import category_map_by_name, evaluate_model, resolve_device
@@ -57,8 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise SystemExit(f"error: {err}")
     device = resolve_device(args.device)
-    model = build_model(cfg, load_backbone_weights=False)
-    model.load_state_dict(payload["model"])
+    model = model_from_state_dict(cfg, payload["model"])
     result, detections = evaluate_model(cfg, prepare_for_inference(model, cfg, device), splits, device, progress=True,
                                         return_detections=True, label_to_category_id=category_map)
     print(result.summary)

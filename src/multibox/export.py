@@ -305,13 +305,11 @@ def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, **kwargs) -> Path:
     """Rebuild the model of a multibox checkpoint and :func:`export_onnx` it."""
     from .checkpoint import load_checkpoint
-    from .models import build_model
+    from .models import model_from_state_dict
 
     payload = load_checkpoint(checkpoint)
     cfg = Config.from_dict(payload["config"])
-    model = build_model(cfg)
-    model.load_state_dict(payload["model"])
-    return export_onnx(model, cfg, payload["class_names"], out, **kwargs)
+    return export_onnx(model_from_state_dict(cfg, payload["model"]), cfg, payload["class_names"], out, **kwargs)
 
 
 # --------------------------------------------------------------------------- onnxruntime backend

@@ -73,8 +73,15 @@ def build_model(cfg: Config, load_backbone_weights: bool = True) -> SSD:
     return model
 
 
+def model_from_state_dict(cfg: Config, state_dict: dict) -> SSD:
+    """The network of ``cfg`` holding a checkpoint's full ``state_dict`` (no backbone weights file is read)."""
+    model = build_model(cfg, load_backbone_weights=False)
+    model.load_state_dict(state_dict)
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["SSD", "anchor_spec", "build_model", "count_parameters", "init_weights"]
+__all__ = ["SSD", "anchor_spec", "build_model", "count_parameters", "init_weights", "model_from_state_dict"]
