@@ -1,7 +1,8 @@
 """Small COCO / VOC datasets built on the fly, clean or with one instance of every problem class.
 
 Used by test_validate.py, test_voc.py, test_shards.py, test_data_roundtrip.py. Images are tiny random-noise
-pictures with a bright rectangle per object (enough to train a few steps on).
+pictures with a bright rectangle per object (enough to train a few steps on). Also the transform tests' random
+boxes and mask extents, and a file that fails part-way through a write (checkpoint tests).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 # category ids deliberately non-contiguous and unsorted
@@ -167,3 +169,42 @@ def make_voc(root: Path, objects_per_image: dict[str, list[tuple]], splits: dict
     for split, stems in splits.items():
         (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
     return voc
+
+
+def random_boxes_xyxy(width: int, height: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """n integer boxes, at least 6 px a side, inside a width x height image."""
+    x1 = torch.randint(0, width - 8, (n,), generator=g)
+    y1 = torch.randint(0, height - 8, (n,), generator=g)
+    x2 = torch.minimum(x1 + 6 + torch.randint(0, width // 2, (n,), generator=g), torch.tensor(width))
+    y2 = torch.minimum(y1 + 6 + torch.randint(0, height // 2, (n,), generator=g), torch.tensor(height))
+    return torch.stack([x1, y1, x2, y2], 1).float()
+
+
+def mask_extent(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """The xyxy bounding box of a (size, size) boolean mask, in [0, 1] units."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) / size
+
+
+class FailingFile:
+    """A file that accepts ``limit`` bytes, then fails the way a full disk (or an interrupt) does."""
+
+    def __init__(self, real, limit, error):
+        self.real, self.limit, self.error = real, limit, error
+
+    def write(self, data):
+        data = bytes(data)
+        room = max(0, self.limit - self.real.tell())
+        self.real.write(data[:room])
+        if len(data) > room:
+            raise self.error
+        return len(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.real.close()

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 
 def generate_tutorial_default_boxes() -> tuple[np.ndarray, np.ndarray]:
@@ -49,3 +50,13 @@ def generate_tutorial_default_boxes() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def tutorial_default_boxes() -> tuple[np.ndarray, np.ndarray]:
     return generate_tutorial_default_boxes()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Per-image transforms run single-threaded (as in DataLoader workers); intra-op threads only add contention
+    on small images, badly so on a shared machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from _data_builders import FailingFile
 from multibox.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 
 
@@ -61,30 +62,6 @@ def test_unreadable_or_foreign_files(tmp_path, content):
 
 # ------------------------------------------------------------------------------------- failures while writing
 
-class _FailingFile:
-    """A file that accepts ``limit`` bytes, then fails the way a full disk (or an interrupt) does."""
-
-    def __init__(self, real, limit, error):
-        self.real, self.limit, self.error = real, limit, error
-
-    def write(self, data):
-        data = bytes(data)
-        room = max(0, self.limit - self.real.tell())
-        self.real.write(data[:room])
-        if len(data) > room:
-            raise self.error
-        return len(data)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.real.close()
-
-
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(5, "Input/output error"),
                                    KeyboardInterrupt()])
 def test_failure_part_way_through_the_write_keeps_previous(tmp_path, monkeypatch, error):
@@ -93,7 +70,7 @@ def test_failure_part_way_through_the_write_keeps_previous(tmp_path, monkeypatch
     path = tmp_path / "last.pt"
     save_checkpoint({"model": {"w": torch.ones(1000)}, "step": 1}, path)
     real_fdopen = os.fdopen
-    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: _FailingFile(real_fdopen(fd, mode), 3000, error))
+    monkeypatch.setattr(ckpt.os, "fdopen", lambda fd, mode: FailingFile(real_fdopen(fd, mode), 3000, error))
     with pytest.raises(type(error)) as info:
         save_checkpoint({"model": {"w": torch.zeros(100_000)}, "step": 2}, path)
     if isinstance(error, OSError):

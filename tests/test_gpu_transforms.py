@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
+from _data_builders import mask_extent, random_boxes_xyxy
 from multibox.config import load_config
 from multibox.data.gpu_transforms import (
     AugmentBatch,
@@ -29,12 +30,7 @@ IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), jitter=(0.0, 0.0, 0.0
 SIZES = [(240, 320), (375, 500), (180, 260), (420, 300)]   # (H, W): a batch of different sizes and aspects
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _scene(height: int, width: int, seed: int) -> torch.Tensor:
@@ -49,22 +45,9 @@ def _scene(height: int, width: int, seed: int) -> torch.Tensor:
     return img.to(torch.uint8)
 
 
-def _boxes(height: int, width: int, n: int, g: torch.Generator) -> torch.Tensor:
-    x1 = torch.randint(0, width - 8, (n,), generator=g)
-    y1 = torch.randint(0, height - 8, (n,), generator=g)
-    x2 = torch.minimum(x1 + 6 + torch.randint(0, width // 2, (n,), generator=g), torch.tensor(width))
-    y2 = torch.minimum(y1 + 6 + torch.randint(0, height // 2, (n,), generator=g), torch.tensor(height))
-    return torch.stack([x1, y1, x2, y2], 1).float()
-
-
 def _target(boxes: torch.Tensor, height: int, width: int, image_id: int = 0) -> dict:
     return {"boxes": boxes, "labels": torch.arange(1, boxes.shape[0] + 1), "image_id": image_id,
             "orig_size": (height, width)}
-
-
-def _extent(mask: torch.Tensor) -> torch.Tensor:
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) / S
 
 
 # --------------------------------------------------------------------------------------------- against the CPU path
@@ -80,7 +63,7 @@ def test_same_parameters_give_the_cpu_transforms_boxes_and_nearly_its_image(resi
     zoomed = flipped = hue = 0
     for round_ in range(4):
         images = [_scene(h, w, 10 * round_ + i) for i, (h, w) in enumerate(SIZES)]
-        targets = [_target(_boxes(h, w, 4, g), h, w, i) for i, (h, w) in enumerate(SIZES)]
+        targets = [_target(random_boxes_xyxy(w, h, 4, g), h, w, i) for i, (h, w) in enumerate(SIZES)]
         params = [tr.sample_params((h, w), t) for (h, w), t in zip(SIZES, targets)]
         out, out_targets = augment(images, targets, params)
         assert out.shape == (len(SIZES), 3, S, S) and out.dtype == torch.float32
@@ -105,7 +88,7 @@ def test_sampling_follows_the_cpu_transforms_random_stream():
     cpu, batched = build_train_transform(cfg, seed=3), build_batch_augment(cfg, seed=3)
     g = torch.Generator().manual_seed(1)
     images = [torch.zeros(3, h, w, dtype=torch.uint8) for h, w in SIZES * 2]
-    targets = [_target(_boxes(h, w, 3, g), h, w) for h, w in SIZES * 2]
+    targets = [_target(random_boxes_xyxy(w, h, 3, g), h, w) for h, w in SIZES * 2]
     prepared = batched.prepare(images, targets)
     for img, t, got in zip(images, targets, prepared.targets):
         _, expected = cpu(img, t)
@@ -124,7 +107,7 @@ def test_box_masks_and_fill_stay_consistent(resize):
     g = torch.Generator().manual_seed(7)
     checked = zoomed = 0
     for _ in range(6):
-        targets = [_target(_boxes(h, w, 4, g), h, w) for h, w in SIZES]
+        targets = [_target(random_boxes_xyxy(w, h, 4, g), h, w) for h, w in SIZES]
         params = [dict(tr.sample_params((h, w), t), photometric=None) for (h, w), t in zip(SIZES, targets)]
         white, _ = augment([torch.full((3, h, w), 255, dtype=torch.uint8) for h, w in SIZES], targets, params)
         for i, ((h, w), t, p) in enumerate(zip(SIZES, targets, params)):
@@ -138,7 +121,7 @@ def test_box_masks_and_fill_stay_consistent(resize):
                 rect = torch.stack([1 - rect[2], rect[1], 1 - rect[0], rect[3]])
             # hard paste: no blur into the fill (bilinear weights sum to 1 only up to float rounding)
             assert ((white[i] == 0) | ((white[i] - 255).abs() < 1e-3)).all()
-            torch.testing.assert_close(_extent(white[i, 0] > 254), rect, atol=1.0 / S + 1e-6, rtol=0)
+            torch.testing.assert_close(mask_extent(white[i, 0] > 254, S), rect, atol=1.0 / S + 1e-6, rtol=0)
         masks = []
         for (h, w), t in zip(SIZES, targets):
             stack = []
@@ -154,7 +137,7 @@ def test_box_masks_and_fill_stay_consistent(resize):
                 if k + 1 not in labels:
                     continue
                 box = t_out["boxes"][labels.index(k + 1)]
-                assert (_extent(warped[i, 0] > 127.5) - box).abs().max() <= 2.0 / S, (params[i], box * S)
+                assert (mask_extent(warped[i, 0] > 127.5, S) - box).abs().max() <= 2.0 / S, (params[i], box * S)
                 checked += 1
     assert checked >= 30 and zoomed >= 6
 
@@ -217,7 +200,7 @@ class _RawSet(torch.utils.data.Dataset):
             return None                                                # an unreadable image
         h, w = SIZES[i % len(SIZES)]
         g = torch.Generator().manual_seed(i)
-        return _scene(h, w, i), _target(_boxes(h, w, 2, g), h, w, i)
+        return _scene(h, w, i), _target(random_boxes_xyxy(w, h, 2, g), h, w, i)
 
 
 def test_collate_and_device_loader():

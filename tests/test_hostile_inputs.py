@@ -30,7 +30,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _data_builders import CATEGORIES, make_clean_coco, make_voc, picture
+from _data_builders import CATEGORIES, FailingFile, make_clean_coco, make_voc, picture
 from multibox.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 from multibox.data.coco import CocoDetection, CocoFormatError, ImageTooLargeError, collate_detection, decode_image_rgb
 from multibox.data.shards import ShardDataset, ShardError, convert_dataset
@@ -557,23 +557,6 @@ def _write_probes(results: list, root: Path) -> None:
             return 1
         return int(state["step"] != step)
 
-    class Failing:
-        def __init__(self, real, limit, error):
-            self.real, self.limit, self.error = real, limit, error
-
-        def write(self, data):
-            self.real.write(bytes(data)[: self.limit])
-            raise self.error
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.real.close()
-
     errors = {"disk full (ENOSPC) part-way": OSError(28, "No space left on device"),
               "I/O error (EIO) part-way": OSError(5, "Input/output error"),
               "quota exceeded (EDQUOT) part-way": OSError(122, "Disk quota exceeded"),
@@ -584,7 +567,7 @@ def _write_probes(results: list, root: Path) -> None:
         def one(path=path, error=error):
             save_checkpoint({"model": {"w": torch.ones(100)}, "step": 1}, path)
             real = os.fdopen
-            ckpt.os.fdopen = lambda fd, mode: Failing(real(fd, mode), 1000, error)
+            ckpt.os.fdopen = lambda fd, mode: FailingFile(real(fd, mode), 1000, error)
             try:
                 save_checkpoint({"model": {"w": torch.zeros(100_000)}, "step": 2}, path)
             except (CheckpointWriteError, KeyboardInterrupt):

@@ -23,14 +23,7 @@ from multibox.data.transforms import (
 S = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Per-image transforms run single-threaded (as in DataLoader workers); intra-op threads
-    only add contention on small images, badly so on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), jitter=(0.0, 0.0, 0.0))
 

@@ -15,6 +15,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_iou
 from torchvision.transforms.v2 import functional as TF
 
+from _data_builders import mask_extent, random_boxes_xyxy
 from multibox.config import load_config
 from multibox.data.transforms import (
     EvalTransform,
@@ -33,26 +34,11 @@ IDENTITY = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), jitter=(0.0, 0.0, 0.0
 NEUTRAL = {"brightness_delta": 0.0, "contrast": 1.0, "saturation": 1.0, "hue_degrees": 0.0, "contrast_first": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Per-image transforms run single-threaded, as in DataLoader workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _target(boxes: torch.Tensor) -> dict:
     return {"boxes": boxes, "labels": torch.arange(1, boxes.shape[0] + 1), "image_id": 3, "orig_size": (0, 0)}
-
-
-def _random_boxes(width: int, height: int, n: int, g: torch.Generator) -> torch.Tensor:
-    """n integer boxes, at least 6 px a side, inside a width x height image."""
-    x1 = torch.randint(0, width - 8, (n,), generator=g)
-    y1 = torch.randint(0, height - 8, (n,), generator=g)
-    x2 = torch.minimum(x1 + 6 + torch.randint(0, width // 2, (n,), generator=g), torch.tensor(width))
-    y2 = torch.minimum(y1 + 6 + torch.randint(0, height // 2, (n,), generator=g), torch.tensor(height))
-    return torch.stack([x1, y1, x2, y2], 1).float()
 
 
 def _source_rect_in_output(params: dict, width: int, height: int) -> torch.Tensor:
@@ -65,11 +51,6 @@ def _source_rect_in_output(params: dict, width: int, height: int) -> torch.Tenso
     if params["flip"]:
         rect = torch.stack([1 - rect[2], rect[1], 1 - rect[0], rect[3]])
     return rect
-
-
-def _extent(mask: torch.Tensor) -> torch.Tensor:
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) / S
 
 
 # --------------------------------------------------------------------------------------------- zoom-out sampling
@@ -104,7 +85,7 @@ def test_kept_boxes_meet_the_sampled_iou_on_the_zoomed_canvas():
     checked, zoomed = 0, 0
     for _ in range(250):
         width, height = int(torch.randint(60, 400, (1,), generator=g)), int(torch.randint(60, 400, (1,), generator=g))
-        boxes = _random_boxes(width, height, int(torch.randint(1, 6, (1,), generator=g)), g)
+        boxes = random_boxes_xyxy(width, height, int(torch.randint(1, 6, (1,), generator=g)), g)
         target = _target(boxes)
         params = tr.sample_params((height, width), target)
         cw, ch, left, top = params["expand"] or (width, height, 0, 0)
@@ -145,7 +126,7 @@ def test_boxes_image_and_fill_stay_consistent(resize):
     width, height = 320, 240
     checked = zoomed = 0
     for _ in range(24):
-        boxes = _random_boxes(width, height, 4, g)
+        boxes = random_boxes_xyxy(width, height, 4, g)
         target = _target(boxes)
         params = tr.sample_params((height, width), target)
         geometry_only = dict(params, photometric=None)
@@ -157,7 +138,7 @@ def test_boxes_image_and_fill_stay_consistent(resize):
         # (0 once normalised), with no blur between them.
         assert ((white == 0) | (white == 255)).all()
         source = white[0] == 255
-        torch.testing.assert_close(_extent(source), _source_rect_in_output(params, width, height),
+        torch.testing.assert_close(mask_extent(source, S), _source_rect_in_output(params, width, height),
                                    atol=1.0 / S + 1e-6, rtol=0)
 
         for box, label in zip(out["boxes"], out["labels"]):
@@ -165,7 +146,7 @@ def test_boxes_image_and_fill_stay_consistent(resize):
             mask = torch.zeros(3, height, width, dtype=torch.uint8)
             mask[:, bx[1]:bx[3], bx[0]:bx[2]] = 255
             m, _ = tr.apply(mask, target, geometry_only)
-            assert (_extent(m[0] > 127.5) - box).abs().max() <= 2.0 / S, (params, box * S)
+            assert (mask_extent(m[0] > 127.5, S) - box).abs().max() <= 2.0 / S, (params, box * S)
             checked += 1
     assert checked >= 20 and zoomed >= 8
 
@@ -267,7 +248,7 @@ def test_photometric_draws_do_not_change_the_geometry():
     """Photometric numbers are drawn last in a call: the same seed gives the same zoom-out, window, boxes and flip
     with it on or off."""
     g = torch.Generator().manual_seed(2)
-    boxes = _random_boxes(300, 200, 5, g)
+    boxes = random_boxes_xyxy(300, 200, 5, g)
     for seed in range(20):
         common = dict(crop_rule="paper", zoom_out=4.0, seed=seed)
         on, off = TrainTransform(S, photometric=True, **common), TrainTransform(S, photometric=False, **common)
@@ -288,7 +269,7 @@ def test_paper_preset_builds_the_paper_transforms():
     g = torch.Generator().manual_seed(0)
     for _ in range(10):
         image = torch.randint(0, 256, (3, 200, 270), dtype=torch.uint8, generator=g)
-        x, out = tr(image, _target(_random_boxes(270, 200, 3, g)))
+        x, out = tr(image, _target(random_boxes_xyxy(270, 200, 3, g)))
         assert x.shape == (3, 300, 300) and torch.isfinite(x).all()
     seed_cfg = load_config("ssd300-vgg16-seed")
     seed_tr = build_train_transform(seed_cfg)
