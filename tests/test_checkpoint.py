@@ -82,6 +82,7 @@ def test_failure_part_way_through_the_write_keeps_previous(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_real_write_limit_in_the_kernel_keeps_previous(tmp_path):
     """RLIMIT_FSIZE makes the kernel fail the write (EFBIG) as a full disk fails it (ENOSPC)."""
     script = f"""
@@ -101,6 +102,7 @@ except CheckpointWriteError as err:
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_writes_never_leaves_a_broken_checkpoint(tmp_path):
     """A process rewriting a 4 MB checkpoint in a loop is killed at random moments, 4 times: last.pt always loads,
     holds one whole step's payload, and its step only moves forward."""
@@ -172,13 +174,14 @@ def test_refuses_other_code_paths(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------- a full disk during training
 
+@pytest.mark.slow
 def test_full_disk_during_training_loses_nothing(tmp_path, monkeypatch):
     """The 7th checkpoint write fails (full disk): the run stops with the error, last.pt is the 6th; resumed
     after "freeing space", it ends with the same weights as a run that never failed."""
-    import multibox.train as train_module
+    import multibox.engine.fit as train_module
     from multibox.config import load_config
     from multibox.data.synth import generate_synthetic_coco
-    from multibox.train import fit
+    from multibox.engine.fit import fit
 
     ann = generate_synthetic_coco(tmp_path / "data", num_images=6, seed=1)
     cfg = load_config("tiny", ["model.widths=[8, 8, 8, 8, 8, 8, 8, 8]", f"data.path={ann}", f"data.val_path={ann}",

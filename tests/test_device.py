@@ -13,14 +13,16 @@ import os
 import pytest
 import torch
 
-from multibox.api import Detector
+from multibox.inference.detector import Detector
 from multibox.config import load_config
 from multibox.data.gpu_transforms import BatchAugment
 from multibox.data.synth import generate_synthetic_coco
 from multibox.data.transforms import TrainTransform
-from multibox.matching import pad_targets
+from multibox.core.matching import pad_targets
 from multibox.models import build_model
-from multibox.train import build_criterion, build_encoder, fit
+from multibox.core.losses import build_criterion
+from multibox.core.matching import build_encoder
+from multibox.engine.fit import fit
 
 _NAME = os.environ.get("MULTIBOX_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = pytest.mark.skipif(not _NAME, reason="no accelerator (set MULTIBOX_TEST_DEVICE to run these on one)")

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from _data_builders import CATEGORIES, VOC_OBJ, VOC_XML, make_clean_coco, picture
-from multibox.boxes import (box_iou_xyxy, cxcywh_to_xyxy, decode_cxcywh, encode_cxcywh, ltwh_to_xyxy,
+from multibox.core.boxes import (box_iou_xyxy, cxcywh_to_xyxy, decode_cxcywh, encode_cxcywh, ltwh_to_xyxy,
                             xyxy_to_cxcywh, xyxy_to_ltwh, yxyx_to_xyxy)
 from multibox.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from multibox.data.coco import CocoDetection, CocoFormatError, ImageDecodeError, decode_image_rgb
@@ -51,7 +51,8 @@ ATHERIS_RUNS = 15000
 SCALE = float(os.environ.get("MULTIBOX_FUZZ_SCALE", "1"))
 
 logging.getLogger("multibox.data").setLevel(logging.ERROR)   # unreadable-image warnings by the hundred
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")   # PIL on corrupted TIFFs
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin"),   # PIL on corrupted TIFFs
+              pytest.mark.slow]   # thousands of generated inputs
 
 
 def _settings(name: str):

@@ -37,6 +37,8 @@ from multibox.data.shards import ShardDataset, ShardError, convert_dataset
 from multibox.data.validate import check_dataset
 from multibox.data.voc import VOCDetection, VocXmlError, parse_voc_xml
 
+pytestmark = pytest.mark.slow   # hundreds of hostile inputs through every reader, plus training
+
 
 @dataclass
 class Outcome:
@@ -592,6 +594,7 @@ def _write_probes(results: list, root: Path) -> None:
     script = """
 import sys, torch
 from multibox.checkpoint import save_checkpoint
+
 for k in range(int(sys.argv[2]), 10**6):
     save_checkpoint({"model": {"w": torch.full((500_000,), float(k))}, "step": k}, sys.argv[1])
     print(k, flush=True)
@@ -618,7 +621,7 @@ for k in range(int(sys.argv[2]), 10**6):
 
 
 def _nonfinite_probes(results: list) -> None:
-    from test_nonfinite import _run   # the toy model and scripted NaNs of tests/test_nonfinite.py
+    from engine.test_nonfinite import _run   # the toy model and scripted NaNs of tests/engine/test_nonfinite.py
 
     kind = "non-finite training steps"
     for bad in ("nan_input", "nan_loss", "nan_grad"):

@@ -1,6 +1,6 @@
 """``python -m multibox`` (also what ``torchrun -m multibox`` runs)."""
 import sys
 
-from .cli import main
+from multibox.cli import main
 
 sys.exit(main())

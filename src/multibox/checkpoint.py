@@ -7,7 +7,8 @@ A checkpoint is a dict of plain types and tensors: ``format``, ``version``, ``mo
 counter), ``best``, ``rng`` (torch / python / CUDA states, every rank's under ``per_rank``) and the batch geometry
 (``steps_per_epoch``, ``world_size``, ``batch_size``) a mid-epoch resume must match.
 
-Writing: temporary file in the same folder, fsync, rename, fsync of the folder (:func:`save_checkpoint`).
+Writing: temporary file in the same folder, fsync, rename, fsync of the folder (:func:`save_checkpoint`, through
+:func:`multibox.io.atomic_write_bytes`).
 Reading: refused before unpickling unless it is a torch zip archive with stored (uncompressed) records, then
 ``torch.load(weights_only=True)``, then field types checked (:func:`load_checkpoint`); every failure is a
 :class:`CheckpointError` naming the file.
@@ -15,24 +16,26 @@ Reading: refused before unpickling unless it is a torch zip archive with stored 
 from __future__ import annotations
 
 import io
-import os
+import os  # noqa: F401  (tests patch multibox.checkpoint.os.fdopen: the os module atomic_write_bytes writes through)
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from multibox.errors import MultiboxError
+from multibox.io import atomic_write_bytes
+
 FORMAT = "multibox-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MultiboxError, RuntimeError):
     """A checkpoint that cannot be used: missing, damaged, forged (refused) or not a multibox training state."""
 
 
-class CheckpointWriteError(OSError):
+class CheckpointWriteError(MultiboxError, OSError):
     """A checkpoint could not be written (full disk, quota, I/O error); the previous file at the path is intact."""
 
 
@@ -46,28 +49,15 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # KeyboardInterrupt / SystemExit pass through unwrapped; atomic_write_bytes removes its temporary file.
+        atomic_write_bytes(path, buffer.getbuffer())
     except Exception as err:
-        Path(tmp).unlink(missing_ok=True)
         raise CheckpointWriteError(getattr(err, "errno", None) or 0,
                                    f"{path}: could not write the checkpoint ({type(err).__name__}: {err}); the "
                                    f"previous {path.name}, if any, is unchanged") from err
-    except BaseException:   # KeyboardInterrupt, SystemExit: same cleanup, same guarantee
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)   # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def _check_archive(path: Path) -> None:

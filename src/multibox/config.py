@@ -14,14 +14,21 @@ from typing import Any
 
 import yaml
 
+from multibox.errors import MultiboxError
 
-class ConfigError(ValueError):
+
+class ConfigError(MultiboxError, ValueError):
     """A configuration that cannot be used: an unknown key, a value of the wrong type, malformed YAML or ``--set``,
     a preset that does not exist. The message names the key or file."""
 
 
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# The names of eval.precision besides "auto": the keys of multibox.runtime.PRECISIONS, here so that the command
+# line's parser knows them without importing torch.
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+# Images whose header declares more pixels are refused before decoding (data.max_image_pixels, check-data).
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 @dataclass
@@ -90,7 +97,7 @@ class DataConfig:
     pipeline: str = "cpu"                  # cpu (per image, in the workers) | batched (workers decode; one
                                            # batched warp + colour ops on the training device)
     # --- hostile inputs: images whose header declares more pixels are refused before decoding (skipped, counted)
-    max_image_pixels: int = 8192 * 8192
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["DistEnv", "init_distributed", "cleanup", "is_distributed", "is_main", "rank", "world_size", "barrier",
-           "all_gather_object", "broadcast_object", "broadcast_buffers", "all_reduce_sum"]
+           "all_gather_object", "broadcast_object", "broadcast_buffers", "all_reduce_sum", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +124,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper (the module itself when it is not wrapped)."""
+    return getattr(model, "module", model)

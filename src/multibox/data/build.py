@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..config import Config
-from .coco import CocoDetection, DetectionDataset, collate_detection
-from .transforms import build_eval_transform, build_train_transform
+from multibox.config import Config
+from multibox.data.coco import CocoDetection, DetectionDataset, collate_detection
+from multibox.data.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger("multibox.data")
 
@@ -88,8 +88,8 @@ class DataSplits:
 
 def source_kind(path: str) -> str:
     """``"synth"``, ``"shards"``, ``"voc"`` or ``"coco"`` for a ``data.path`` value (FileNotFoundError if none)."""
-    from .shards import is_shard_dir
-    from .voc import is_voc_root
+    from multibox.data.shards import is_shard_dir
+    from multibox.data.voc import is_voc_root
 
     if path == "synth":
         return "synth"
@@ -109,11 +109,11 @@ def open_dataset(path: str, cfg: Config, split: str | None = None) -> DetectionD
     kind = source_kind(path)
     dataset: DetectionDataset
     if kind == "shards":
-        from .shards import ShardDataset
+        from multibox.data.shards import ShardDataset
         dataset = ShardDataset(path, verify=cfg.data.shard_verify, keep_crowd=cfg.data.keep_difficult,
                                keep_empty=cfg.data.keep_empty)
     elif kind == "voc":
-        from .voc import VOCDetection
+        from multibox.data.voc import VOCDetection
         dataset = VOCDetection(path, split=split or cfg.data.voc_split, keep_difficult=cfg.data.keep_difficult,
                                keep_empty=cfg.data.keep_empty)
     elif kind == "coco":
@@ -127,7 +127,7 @@ def open_dataset(path: str, cfg: Config, split: str | None = None) -> DetectionD
 def resolve_sources(cfg: Config) -> tuple[str, str | None]:
     """The training and (optional) validation sources; ``synth`` generates the demo dataset once."""
     if cfg.data.path == "synth":
-        from .synth import generate_demo_splits
+        from multibox.data.synth import generate_demo_splits
         root = Path(cfg.data.synth_root)
         generate_demo_splits(root, cfg.data.synth_train_images, cfg.data.synth_val_images, seed=cfg.train.seed)
         return str(root / "train" / "annotations.json"), cfg.data.val_path or str(root / "val" / "annotations.json")
@@ -143,7 +143,7 @@ def held_out_split(num_images: int, fraction: float, seed: int) -> tuple[list[in
 
 
 def _voc_val_split_exists(path: str, split: str | None) -> bool:
-    from .voc import find_voc_root
+    from multibox.data.voc import find_voc_root
     root = find_voc_root(path)
     return bool(split) and root is not None and (root / "ImageSets" / "Main" / f"{split}.txt").is_file()
 
@@ -152,7 +152,7 @@ def train_sample_transform(cfg: Config) -> Callable:
     """The training set's per-sample transform: the whole augmentation (``data.pipeline: cpu``), or only drawing its
     parameters, the image staying decoded uint8 (``batched``: the batch is augmented on the training device, see
     :mod:`multibox.data.gpu_transforms`)."""
-    from .gpu_transforms import PIPELINES, build_sample_params
+    from multibox.data.gpu_transforms import PIPELINES, build_sample_params
 
     if cfg.data.pipeline not in PIPELINES:
         raise ValueError(f"unknown data.pipeline {cfg.data.pipeline!r}; choose one of {PIPELINES}")
@@ -170,7 +170,7 @@ def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSp
         val_full = train_full if val_src == train_src else open_dataset(val_src, cfg)
     elif source_kind(train_src) == "voc" and _voc_val_split_exists(train_src, cfg.data.val_split) \
             and cfg.data.val_split != cfg.data.voc_split:
-        from .voc import VOCDetection
+        from multibox.data.voc import VOCDetection
         val_full = VOCDetection(train_src, split=cfg.data.val_split, class_names=train_full.class_names[1:],
                                 keep_difficult=cfg.data.keep_difficult, keep_empty=True)
         val_full.max_image_pixels = int(cfg.data.max_image_pixels)
@@ -183,7 +183,8 @@ def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSp
         val_full = train_full
         train_idx, val_idx = held_out_split(len(train_full), cfg.data.val_fraction, cfg.train.seed)
     report = {"train": dict(train_full.load_report), "val": dict(val_full.load_report)}
-    for name, counts in report.items():
+    # A held-out split is part of the training source: its counts are the same ones, logged once.
+    for name, counts in report.items() if val_full is not train_full else [("train", report["train"])]:
         nonzero = {k: v for k, v in sorted(counts.items()) if v}
         if nonzero:
             log.info("%s data policy: %s", name, ", ".join(f"{k}={v}" for k, v in nonzero.items()))

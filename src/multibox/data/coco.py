@@ -52,6 +52,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
+from multibox.core.boxes import ltwh_to_xyxy
+from multibox.errors import MultiboxError
+
 try:  # torchvision's decoders are deprecated since 0.29 (TorchCodec); PIL is the fallback
     from torchvision.io import ImageReadMode, decode_image
 except ImportError:  # pragma: no cover - depends on the torchvision build
@@ -76,9 +80,6 @@ __all__ = [
 
 log = logging.getLogger("multibox.data")
 
-
-# Images whose header declares more pixels are refused before any decoding (``data.max_image_pixels``).
-DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 # Decoded by torchvision (faster); every other format by PIL, which decodes only the first frame of an animation.
 # Not PNG: torchvision 0.29's PNG decoder kills the process (SIGSEGV after "libpng error: bad adaptive filter value")
@@ -240,7 +241,7 @@ def training_target(record: ImageRecord, category_id_to_label: dict[int, int], w
     """
     keep = np.ones(record.num_boxes, bool) if keep_crowd else ~record.crowd
     ltwh = record.bbox_ltwh[keep]
-    xyxy = np.concatenate([ltwh[:, :2], ltwh[:, :2] + ltwh[:, 2:]], axis=1)  # float64, as COCO's own maths
+    xyxy = ltwh_to_xyxy(ltwh)  # numpy float64, as COCO's own maths
     xyxy[:, 0::2] = xyxy[:, 0::2].clip(0.0, float(width))
     xyxy[:, 1::2] = xyxy[:, 1::2].clip(0.0, float(height))
     valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # also False for NaN
@@ -375,7 +376,7 @@ class DetectionDataset(Dataset):
 # --------------------------------------------------------------------------- COCO
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(MultiboxError, ValueError):
     """A COCO annotation file that cannot be read: not JSON (line and column given), not UTF-8, or a structure
     that is not COCO's (the message names the field and the item)."""
 
@@ -535,27 +536,50 @@ def index_coco(coco: dict, report: Counter) -> tuple[list[dict], list[ImageRecor
     unknown image or category id, or a malformed / non-finite bbox. Duplicate or missing annotation ids are
     renumbered (after the largest id), counted too.
     """
+    categories = _unique_categories(coco.get("categories", []), report)
+    images = _unique_images(coco.get("images", []), report)
+    per_image = _annotation_rows(coco.get("annotations", []), {int(img["id"]) for img in images},
+                                 {c["id"] for c in categories}, report)
+    records: list[ImageRecord] = []
+    for img in images:
+        arrays = ImageRecord.arrays_from_rows(per_image.get(int(img["id"]), []))
+        records.append(ImageRecord(int(img["id"]), str(img.get("file_name", "")), int(img.get("width") or 0),
+                                   int(img.get("height") or 0), **arrays))
+    return categories, records
+
+
+def _unique_categories(raw: list[dict], report: Counter) -> list[dict]:
+    """Categories sorted by id, a repeated id dropped (the first wins), as ``{"id", "name"[, "supercategory"]}``."""
     categories: list[dict] = []
     seen_cats: set[int] = set()
-    for c in sorted(coco.get("categories", []), key=lambda c: int(c["id"])):
+    for c in sorted(raw, key=lambda c: int(c["id"])):
         if int(c["id"]) in seen_cats:
             report["duplicate_category_ids"] += 1
             continue
         seen_cats.add(int(c["id"]))
         categories.append({"id": int(c["id"]), "name": str(c.get("name", c["id"])),
                            **({"supercategory": c["supercategory"]} if "supercategory" in c else {})})
+    return categories
 
+
+def _unique_images(raw: list[dict], report: Counter) -> list[dict]:
+    """Image entries in file order, a repeated id dropped (the first wins)."""
     images: list[dict] = []
     seen_imgs: set[int] = set()
-    for img in coco.get("images", []):
+    for img in raw:
         image_id = int(img["id"])
         if image_id in seen_imgs:
             report["duplicate_image_ids"] += 1
             continue
         seen_imgs.add(image_id)
         images.append(img)
+    return images
 
-    anns = coco.get("annotations", [])
+
+def _annotation_rows(anns: list[dict], image_ids: set[int], category_ids: set[int], report: Counter
+                     ) -> dict[int, list[tuple]]:
+    """image id -> ``ImageRecord.arrays_from_rows`` rows ``(ann id, left, top, width, height, area, category id,
+    crowd)`` of its usable annotations, ids renumbered where missing or repeated."""
     good_ids = {a.get("id") for a in anns if isinstance(a.get("id"), int) and _is_int(a.get("id"))}
     next_id = int(max(good_ids, default=0)) + 1
     if next_id >= _INT64 - len(anns):   # renumbering after the largest id would overflow int64
@@ -571,10 +595,10 @@ def index_coco(coco: dict, report: Counter) -> tuple[list[dict], list[ImageRecor
             ann_id, next_id = next_id, next_id + 1
         used_ids.add(ann_id)
         image_id = ann.get("image_id")
-        if image_id not in seen_imgs:
+        if image_id not in image_ids:
             report["annotations_unknown_image"] += 1
             continue
-        if ann.get("category_id") not in seen_cats:
+        if ann.get("category_id") not in category_ids:
             report["annotations_unknown_category"] += 1
             continue
         bbox = _finite_bbox(ann.get("bbox"))
@@ -585,13 +609,7 @@ def index_coco(coco: dict, report: Counter) -> tuple[list[dict], list[ImageRecor
         area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) else bbox[2] * bbox[3]
         per_image.setdefault(int(image_id), []).append(
             (ann_id, *bbox, area, int(ann["category_id"]), bool(ann.get("iscrowd", 0))))
-
-    records: list[ImageRecord] = []
-    for img in images:
-        arrays = ImageRecord.arrays_from_rows(per_image.get(int(img["id"]), []))
-        records.append(ImageRecord(int(img["id"]), str(img.get("file_name", "")), int(img.get("width") or 0),
-                                   int(img.get("height") or 0), **arrays))
-    return categories, records
+    return per_image
 
 
 def coco_image_roots(ann_file: str | os.PathLike, image_root: str | os.PathLike | None = None) -> list[Path]:

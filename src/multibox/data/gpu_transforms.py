@@ -26,7 +26,7 @@ computed from the same affine map, i.e. the source is pasted with a hard edge, a
 Resize modes. ``resize: torchvision`` (the paper preset) is bilinear without antialiasing, exactly what
 ``grid_sample`` does. ``resize: antialias`` pre-filters every image by an integer box filter of
 ``floor(source px per output px)`` per axis (at most ``max_prefilter``) before the bilinear warp: an approximation
-of the antialiased resize (close on natural images, see ``tests/test_gpu_transforms.py``), grouped by factor so the
+of the antialiased resize (close on natural images, see ``tests/data/test_gpu_transforms.py``), grouped by factor so the
 batch needs one ``grid_sample`` per distinct factor pair.
 
 Output: float32 (B, 3, S, S) normalised, and targets with boxes xyxy normalised to [0, 1] (bit-identical to the CPU
@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from .coco import Batch
-from .transforms import TrainTransform, build_train_transform, keyed_generator, window_target
+from multibox.data.coco import Batch
+from multibox.data.transforms import TrainTransform, build_train_transform, keyed_generator, window_target
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from multibox.config import Config
 
 __all__ = ["AugmentBatch", "BatchAugment", "DeviceAugmentLoader", "PARAMS_KEY", "PIPELINES", "SampleParams",
            "build_batch_augment", "build_sample_params", "pad_replicate", "photometric_distort_batch",

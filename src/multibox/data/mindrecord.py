@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .coco import DetectionDataset, ImageRecord
+from multibox.data.coco import DetectionDataset, ImageRecord
 
 __all__ = ["MindRecordSource", "mindspore_reader", "mindrecord_available"]
 

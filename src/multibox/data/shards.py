@@ -31,11 +31,10 @@ per-annotation lists must agree in length and name known categories. Anything el
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
+import logging
 import os
-import sys
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +44,14 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .coco import DetectionDataset, ImageDecodeError, ImageRecord, decode_image_rgb
+from multibox.core.boxes import ltwh_to_xyxy
+from multibox.data.coco import DetectionDataset, ImageDecodeError, ImageRecord, decode_image_rgb
+from multibox.errors import MultiboxError
+from multibox.io import atomic_path, atomic_write_text
 
-__all__ = ["FORMAT", "SCHEMA", "ShardDataset", "ShardError", "convert_dataset", "convert_source", "is_shard_dir",
-           "add_convert_parser", "run_convert"]
+__all__ = ["FORMAT", "SCHEMA", "ShardDataset", "ShardError", "convert_dataset", "convert_source", "is_shard_dir"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "multibox-shards"
 VERSION = 1
@@ -63,7 +66,7 @@ SCHEMA = pa.schema([
 ])
 
 
-class ShardError(RuntimeError):
+class ShardError(MultiboxError, RuntimeError):
     """A shard folder that cannot be used: interrupted conversion, missing / truncated / corrupted shard."""
 
 
@@ -121,15 +124,6 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -138,7 +132,7 @@ def _shard_table(src: DetectionDataset, indices: list[int], blobs: list[bytes]) 
     for i, blob in zip(indices, blobs):
         r = src.records[i]
         ltwh = r.bbox_ltwh
-        xyxy = np.concatenate([ltwh[:, :2], ltwh[:, :2] + ltwh[:, 2:]], axis=1)
+        xyxy = ltwh_to_xyxy(ltwh)   # float64, as training_target computes it
         cols["image_id"].append(r.image_id)
         cols["file_name"].append(r.file_name)
         cols["width"].append(r.width)
@@ -156,13 +150,9 @@ def _shard_table(src: DetectionDataset, indices: list[int], blobs: list[bytes]) 
 
 
 def _write_shard(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with pa.OSFile(str(tmp), "wb") as sink:
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
         with pa.ipc.new_file(sink, SCHEMA) as writer:
             writer.write_table(table.combine_chunks())
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_checked(src: DetectionDataset, indices: list[int], blobs: Iterator[bytes] | None, check_images: bool,
@@ -191,7 +181,7 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
     """Pack ``src`` into ``out_dir`` (see the module docstring); returns the manifest. Resumes / is idempotent.
 
     ``src`` may define ``iter_bytes(start, stop)`` (sequential sources such as MindRecord); otherwise
-    ``read_bytes(i)`` is used.
+    ``read_bytes(i)`` is used. ``progress``: log each shard written (INFO, logger ``multibox.data.shards``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,13 +189,7 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
     options = {"version": VERSION, "images_per_shard": n, "check_images": bool(check_images),
                "class_names": src.class_names, "categories": src.categories}
     options_digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
-    previous: dict = {}
-    if (out / MANIFEST).is_file():
-        try:
-            old = json.loads((out / MANIFEST).read_text())
-            previous = {s["file"]: s for s in old.get("shards", [])} if old.get("format") == FORMAT else {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            previous = {}   # an unreadable earlier manifest: every shard is rewritten
+    previous = _previous_shards(out)
     num_shards = (len(src) + n - 1) // n
     manifest = {
         "format": FORMAT, "version": VERSION, "complete": False, "source_kind": src.source_kind,
@@ -221,31 +205,67 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
         name = f"shard-{k:05d}.arrow"
         path = out / name
         old = previous.get(name)
-        if old and old.get("plan") == plan and path.is_file() and path.stat().st_size == old.get("bytes") \
-                and _sha256_file(path) == old.get("sha256"):
+        if _reusable(old, plan, path):
             manifest["shards"].append(old)
             reused += 1
             if stream is not None:
                 for _ in indices:
                     next(stream)
             continue
-        results = _read_checked(src, indices, stream, check_images, workers)
-        kept = [(i, b) for i, b, _ in results if b is not None]
-        skipped = [{"image_id": src.image_ids[i], "file_name": src.records[i].file_name, "reason": why}
-                   for i, b, why in results if b is None]
-        table = _shard_table(src, [i for i, _ in kept], [b for _, b in kept])
-        _write_shard(path, table)
-        manifest["shards"].append({"file": name, "rows": table.num_rows, "bytes": path.stat().st_size,
-                                   "sha256": _sha256_file(path), "plan": plan, "skipped": skipped,
-                                   "annotations": sum(len(src.records[i].ann_ids) for i, _ in kept)})
+        entry = _pack_shard(src, indices, stream, check_images, workers, path, plan)
+        manifest["shards"].append(entry)
         written += 1
-        _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))   # progress: resume point
+        atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))   # progress: resume point
         if progress:
-            print(f"  {name}: {table.num_rows} images ({len(skipped)} skipped)", file=sys.stderr)
-    # Shards of an earlier, larger plan would otherwise linger and confuse a reader of the folder.
+            log.info("  %s: %d images (%d skipped)", name, entry["rows"], len(entry["skipped"]))
+    _remove_stale_shards(out, {s["file"] for s in manifest["shards"]})
+    manifest["counts"] = _counts(src, manifest["shards"])
+    manifest["complete"] = True
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    manifest["_written"], manifest["_reused"] = written, reused
+    return manifest
+
+
+def _previous_shards(out: Path) -> dict[str, dict]:
+    """file name -> manifest entry of the shards an earlier run wrote into ``out`` (empty when none)."""
+    if not (out / MANIFEST).is_file():
+        return {}
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+        return {s["file"]: s for s in old.get("shards", [])} if old.get("format") == FORMAT else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return {}   # an unreadable earlier manifest: every shard is rewritten
+
+
+def _reusable(old: dict | None, plan: str, path: Path) -> bool:
+    """Whether the earlier run's shard at ``path`` holds exactly what ``plan`` would write (size and checksum)."""
+    return bool(old and old.get("plan") == plan and path.is_file() and path.stat().st_size == old.get("bytes")
+                and _sha256_file(path) == old.get("sha256"))
+
+
+def _pack_shard(src: DetectionDataset, indices: list[int], stream: Iterator[bytes] | None, check_images: bool,
+                workers: int, path: Path, plan: str) -> dict:
+    """Read (and check) the images ``indices``, write their shard to ``path``; returns its manifest entry."""
+    results = _read_checked(src, indices, stream, check_images, workers)
+    kept = [(i, b) for i, b, _ in results if b is not None]
+    skipped = [{"image_id": src.image_ids[i], "file_name": src.records[i].file_name, "reason": why}
+               for i, b, why in results if b is None]
+    table = _shard_table(src, [i for i, _ in kept], [b for _, b in kept])
+    _write_shard(path, table)
+    return {"file": path.name, "rows": table.num_rows, "bytes": path.stat().st_size,
+            "sha256": _sha256_file(path), "plan": plan, "skipped": skipped,
+            "annotations": sum(len(src.records[i].ann_ids) for i, _ in kept)}
+
+
+def _remove_stale_shards(out: Path, wanted: set[str]) -> None:
+    """Shards of an earlier, larger plan would otherwise linger and confuse a reader of the folder."""
     for stale in sorted(out.glob("shard-*.arrow")):
-        if stale.name not in {s["file"] for s in manifest["shards"]}:
+        if stale.name not in wanted:
             stale.unlink()
+
+
+def _counts(src: DetectionDataset, shards: list[dict]) -> dict:
+    """The manifest's ``counts``: what was packed, what was skipped, and the source's annotations per class."""
     per_class: Counter = Counter()
     num_crowd = 0
     for i in range(len(src)):
@@ -253,17 +273,13 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
         for c, crowd in zip(r.category_ids.tolist(), r.crowd.tolist()):
             per_class[src.class_names[src.category_id_to_label[c]]] += 1
             num_crowd += crowd
-    skipped_ids = {d["image_id"] for s in manifest["shards"] for d in s["skipped"]}
-    manifest["counts"] = {
-        "images": sum(s["rows"] for s in manifest["shards"]),
-        "annotations": sum(s["annotations"] for s in manifest["shards"]),
+    skipped_ids = {d["image_id"] for s in shards for d in s["skipped"]}
+    return {
+        "images": sum(s["rows"] for s in shards),
+        "annotations": sum(s["annotations"] for s in shards),
         "skipped_images": len(skipped_ids),
         "source_images": len(src), "source_annotations_per_class": dict(per_class), "source_crowd": num_crowd,
     }
-    manifest["complete"] = True
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
-    manifest["_written"], manifest["_reused"] = written, reused
-    return manifest
 
 
 # --------------------------------------------------------------------------- reading
@@ -419,7 +435,7 @@ class ShardDataset(DetectionDataset):
         return state
 
 
-# --------------------------------------------------------------------------- CLI
+# --------------------------------------------------------------------------- converting a path
 
 
 def convert_source(src: str, out: str, image_root: str | None = None, split: str | None = None,
@@ -428,49 +444,20 @@ def convert_source(src: str, out: str, image_root: str | None = None, split: str
     """Open ``src`` (COCO JSON, VOC folder, or with ``instances`` a tutorial MindRecord file) and convert it."""
     path = Path(src)
     if instances is not None or path.suffix.startswith(".mindrecord") or "mindrecord" in path.name:
-        from .mindrecord import MindRecordSource
+        from multibox.data.mindrecord import MindRecordSource
         if instances is None:
             raise ValueError("converting MindRecord needs --instances (the matching COCO instances JSON)")
         dataset = MindRecordSource(path, instances)
         info = {"kind": "mindrecord", "path": str(path), "instances": str(instances)}
     else:
-        from .voc import VOCDetection, is_voc_root
+        from multibox.data.voc import VOCDetection, is_voc_root
         if path.is_dir() and is_voc_root(path):
             dataset = VOCDetection(path, split=split or "trainval", keep_difficult=keep_difficult)
             info = {"kind": "voc", "path": str(path), "split": split or "trainval"}
         elif path.is_file():
-            from .coco import CocoDetection
+            from multibox.data.coco import CocoDetection
             dataset = CocoDetection(path, image_root=image_root)
             info = {"kind": "coco", "path": str(path), "image_root": image_root}
         else:
             raise FileNotFoundError(f"{src}: not a COCO JSON, a VOC folder or a MindRecord file")
     return convert_dataset(dataset, out, images_per_shard, check_images, workers, info, progress)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    manifest = convert_source(args.src, args.out, args.image_root, args.split, args.instances, args.images_per_shard,
-                              not args.no_check, args.workers, progress=True)
-    counts = manifest["counts"]
-    print(f"{args.out}: {len(manifest['shards'])} shards ({manifest['_written']} written, {manifest['_reused']} "
-          f"already done), {counts['images']} images, {counts['annotations']} annotations, "
-          f"{counts['skipped_images']} unreadable images skipped, {len(manifest['class_names']) - 1} classes")
-    for entry in manifest["shards"]:
-        for s in entry["skipped"]:
-            print(f"  skipped {s['file_name']} (image id {s['image_id']}): {s['reason']}")
-    return 0
-
-
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    """``multibox convert SRC --out DIR``."""
-    p = subparsers.add_parser("convert", help="pack COCO / VOC / custom COCO-format data (or tutorial MindRecord "
-                                              "files) into Arrow shards")
-    p.add_argument("src", help="COCO annotation JSON, VOC folder, or MindRecord file (with --instances)")
-    p.add_argument("--out", required=True, help="output folder (re-running resumes / verifies)")
-    p.add_argument("--image-root", help="folder the COCO file names are relative to")
-    p.add_argument("--split", help="VOC split to pack (default: trainval)")
-    p.add_argument("--instances", help="MindRecord source: the matching COCO instances JSON (class names, files)")
-    p.add_argument("--images-per-shard", type=int, default=1000)
-    p.add_argument("--workers", type=int, default=2, help="reading / decoding threads")
-    p.add_argument("--no-check", action="store_true", help="do not decode images while packing")
-    p.set_defaults(func=run_convert)
-    return p

@@ -36,6 +36,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from multibox.io import atomic_write_text
+
 __all__ = [
     "SYNTH_CATEGORIES",
     "SYNTH_CLASS_NAMES",
@@ -242,6 +244,73 @@ def _box_iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / (area + areas - inter)
 
 
+class _Canvas:
+    """One image being filled: the picture, and what is placed on it so far (in placement order)."""
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+        # owner[y, x] = index of the top-most object covering the pixel (coverage >= 50 %), -1 if none.
+        self.owner = np.full((image.height, image.width), -1, dtype=np.int16)
+        self.boxes_xyxy = np.zeros((0, 4), dtype=np.float64)
+        self.visible: list[int] = []     # per object, its pixels not covered by a later object
+        self.full_area: list[int] = []   # per object, its pixels when placed
+        self.objects: list[dict] = []
+
+    def hidden_by(self, box_xyxy: np.ndarray, px: int, py: int, cover: np.ndarray) -> np.ndarray | None:
+        """Pixels of each earlier object that a shape with coverage ``cover`` (ch, cw) at (px, py) would hide,
+        (n_objects,); None when the placement is refused (box overlap, or an earlier object hidden too much)."""
+        if len(self.boxes_xyxy) and _box_iou_one_to_many(box_xyxy, self.boxes_xyxy).max() > _MAX_BOX_IOU:
+            return None
+        ch, cw = cover.shape
+        region = self.owner[py : py + ch, px : px + cw]
+        hidden = np.bincount(region[cover].astype(np.int64) + 1, minlength=len(self.objects) + 1)[1:]
+        if len(self.objects) and np.any(
+            np.asarray(self.visible) - hidden < _MIN_VISIBLE * np.asarray(self.full_area)
+        ):
+            return None
+        return hidden
+
+    def add(self, box_xyxy: np.ndarray, px: int, py: int, cover: np.ndarray, hidden: np.ndarray,
+            mask: Image.Image, colour: tuple[int, int, int], category_id: int, area: float) -> None:
+        """Draw the accepted shape on top of everything placed so far and record it."""
+        ch, cw = cover.shape
+        for j in np.nonzero(hidden)[0]:
+            self.visible[j] -= int(hidden[j])
+        self.owner[py : py + ch, px : px + cw][cover] = len(self.objects)
+        n_cover = int(cover.sum())
+        self.visible.append(n_cover)
+        self.full_area.append(n_cover)
+        self.boxes_xyxy = np.concatenate([self.boxes_xyxy, box_xyxy[None]], axis=0)
+        self.image.paste(colour, (px, py, px + cw, py + ch), mask)
+        # Drawn (amodal) shape area, as COCO uses the segment area, not the box area.
+        self.objects.append({"category_id": category_id, "box_xyxy": [float(v) for v in box_xyxy], "area": area})
+
+
+def _try_shape(rng: np.random.Generator, canvas: _Canvas, size_range: tuple[float, float],
+               small_fraction: float) -> bool:
+    """Draw one random shape and try up to 8 random positions for it; True when it was placed."""
+    width, height = canvas.image.size
+    cls = int(rng.integers(0, len(_CLASS_SPECS)))
+    name, hue = _CLASS_SPECS[cls]
+    long_side = _sample_long_side(rng, min(width, height), size_range, small_fraction)
+    mask, mask_u8, (bx0, by0, bx1, by1), area = _render_shape(rng, name, long_side)
+    ch, cw = mask_u8.shape
+    if cw > width or ch > height:
+        return False
+    cover = mask_u8 >= 128
+    if int(cover.sum()) == 0:
+        return False
+    for _pos_try in range(8):
+        px = int(rng.integers(0, width - cw + 1))
+        py = int(rng.integers(0, height - ch + 1))
+        box_xyxy = np.array([bx0 + px, by0 + py, bx1 + px, by1 + py])
+        hidden = canvas.hidden_by(box_xyxy, px, py, cover)
+        if hidden is not None:
+            canvas.add(box_xyxy, px, py, cover, hidden, mask, _object_colour(rng, hue), cls + 1, area)
+            return True
+    return False
+
+
 def _make_image(
     rng: np.random.Generator,
     min_side: int,
@@ -253,64 +322,13 @@ def _make_image(
     """One image and its objects: dicts with ``category_id``, ``box_xyxy`` (floats) and ``area``."""
     width = int(rng.integers(min_side, max_side + 1))
     height = int(rng.integers(min_side, max_side + 1))
-    image = Image.fromarray(_background(rng, width, height))
-    short = min(width, height)
+    canvas = _Canvas(Image.fromarray(_background(rng, width, height)))
     target = int(rng.integers(1, max_objects + 1))
-
-    # owner[y, x] = index of the top-most object covering the pixel (coverage >= 50 %), -1 if none.
-    owner = np.full((height, width), -1, dtype=np.int16)
-    boxes = np.zeros((0, 4), dtype=np.float64)
-    visible: list[int] = []
-    full_area: list[int] = []
-    objects: list[dict] = []
     for _ in range(target):
-        placed = False
         for _shape_try in range(6):
-            cls = int(rng.integers(0, len(_CLASS_SPECS)))
-            name, hue = _CLASS_SPECS[cls]
-            mask, mask_u8, (bx0, by0, bx1, by1), area = _render_shape(
-                rng, name, _sample_long_side(rng, short, size_range, small_fraction)
-            )
-            ch, cw = mask_u8.shape
-            if cw > width or ch > height:
-                continue
-            cover = mask_u8 >= 128
-            n_cover = int(cover.sum())
-            if n_cover == 0:
-                continue
-            for _pos_try in range(8):
-                px = int(rng.integers(0, width - cw + 1))
-                py = int(rng.integers(0, height - ch + 1))
-                box = np.array([bx0 + px, by0 + py, bx1 + px, by1 + py])
-                if len(boxes) and _box_iou_one_to_many(box, boxes).max() > _MAX_BOX_IOU:
-                    continue
-                region = owner[py : py + ch, px : px + cw]
-                hidden = np.bincount(region[cover].astype(np.int64) + 1, minlength=len(objects) + 1)[1:]
-                if len(objects) and np.any(
-                    np.asarray(visible) - hidden < _MIN_VISIBLE * np.asarray(full_area)
-                ):
-                    continue
-                # Accept: the new object is drawn on top of everything placed so far.
-                for j in np.nonzero(hidden)[0]:
-                    visible[j] -= int(hidden[j])
-                region[cover] = len(objects)
-                visible.append(n_cover)
-                full_area.append(n_cover)
-                boxes = np.concatenate([boxes, box[None]], axis=0)
-                image.paste(_object_colour(rng, hue), (px, py, px + cw, py + ch), mask)
-                objects.append(
-                    {
-                        "category_id": cls + 1,
-                        "box_xyxy": [float(v) for v in box],
-                        # Drawn (amodal) shape area, as COCO uses the segment area, not the box area.
-                        "area": area,
-                    }
-                )
-                placed = True
+            if _try_shape(rng, canvas, size_range, small_fraction):
                 break
-            if placed:
-                break
-    return image, objects
+    return canvas.image, canvas.objects
 
 
 # --------------------------------------------------------------------------- dataset files
@@ -353,10 +371,63 @@ def is_complete_dataset(out_dir: str | os.PathLike, params: dict) -> bool:
     return all(_IMAGE_NAME.format(i) in present for i in range(params["num_images"]))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _check_params(num_images: int, min_side: int, max_side: int, max_objects: int,
+                  size_range: tuple[float, float], small_fraction: float) -> None:
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if not (16 <= min_side <= max_side):
+        raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    if max_objects < 1:
+        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
+    if not (0.0 < size_range[0] <= size_range[1] <= 0.95):
+        raise ValueError(f"need 0 < size_range[0] <= size_range[1] <= 0.95, got {size_range}")
+    if not (0.0 <= small_fraction <= 1.0):
+        raise ValueError(f"small_fraction must be in [0, 1], got {small_fraction}")
+
+
+def _save_image(image: Image.Image, index: int, images_dir: Path, jpeg_quality: int) -> dict:
+    """Write image ``index`` (id ``index + 1``) as JPEG (4:4:4); returns its COCO ``images`` entry."""
+    file_name = _IMAGE_NAME.format(index)
+    image.save(images_dir / file_name, format="JPEG", quality=jpeg_quality, subsampling=0)
+    return {"id": index + 1, "file_name": file_name, "width": image.width, "height": image.height}
+
+
+def _annotations(objects: list[dict], image_id: int, first_id: int) -> list[dict]:
+    """COCO ``annotations`` entries of one image's objects, ids counting from ``first_id``."""
+    annotations = []
+    for k, obj in enumerate(objects):
+        x0, y0, x1, y1 = obj["box_xyxy"]
+        annotations.append(
+            {
+                "id": first_id + k,
+                "image_id": image_id,
+                "category_id": obj["category_id"],
+                "bbox": [x0, y0, x1 - x0, y1 - y0],  # COCO ltwh
+                "area": round(obj["area"], 2),
+                "iscrowd": 0,
+            }
+        )
+    return annotations
+
+
+def _remove_stale_images(images_dir: Path, wanted: set[str]) -> None:
+    """Remove images left over from an earlier, larger run (only files with our own naming pattern)."""
+    for name in os.listdir(images_dir):
+        if _IMAGE_RE.match(name) and name not in wanted:
+            (images_dir / name).unlink()
+
+
+def _write_annotations(out_dir: Path, params: dict, images: list[dict], annotations: list[dict]) -> None:
+    """``annotations.json``, then the manifest: written last, its presence marks the dataset complete."""
+    coco = {
+        "info": {"description": "multibox synthetic shapes", **params},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [dict(c) for c in SYNTH_CATEGORIES],
+    }
+    atomic_write_text(out_dir / _ANNOTATIONS, json.dumps(coco))
+    atomic_write_text(out_dir / _MANIFEST, json.dumps({"params": params}, indent=1, sort_keys=True))
 
 
 def generate_synthetic_coco(
@@ -390,16 +461,7 @@ def generate_synthetic_coco(
             with the same parameters (see ``synth_manifest.json``).
         progress: optional callback ``progress(done, total)`` called after each image.
     """
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    if not (16 <= min_side <= max_side):
-        raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
-    if not (0.0 < size_range[0] <= size_range[1] <= 0.95):
-        raise ValueError(f"need 0 < size_range[0] <= size_range[1] <= 0.95, got {size_range}")
-    if not (0.0 <= small_fraction <= 1.0):
-        raise ValueError(f"small_fraction must be in [0, 1], got {small_fraction}")
+    _check_params(num_images, min_side, max_side, max_objects, size_range, small_fraction)
     out_dir = Path(out_dir)
     params = _params(num_images, seed, min_side, max_side, max_objects, size_range, small_fraction, jpeg_quality)
     ann_path = out_dir / _ANNOTATIONS
@@ -414,40 +476,12 @@ def generate_synthetic_coco(
     for i in range(num_images):
         rng = np.random.default_rng([int(seed), i])
         image, objects = _make_image(rng, min_side, max_side, max_objects, tuple(size_range), small_fraction)
-        file_name = _IMAGE_NAME.format(i)
-        image.save(images_dir / file_name, format="JPEG", quality=jpeg_quality, subsampling=0)
-        image_id = i + 1
-        images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
-        for obj in objects:
-            x0, y0, x1, y1 = obj["box_xyxy"]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": obj["category_id"],
-                    "bbox": [x0, y0, x1 - x0, y1 - y0],  # COCO ltwh
-                    "area": round(obj["area"], 2),
-                    "iscrowd": 0,
-                }
-            )
+        images.append(_save_image(image, i, images_dir, jpeg_quality))
+        annotations += _annotations(objects, images[-1]["id"], first_id=len(annotations) + 1)
         if progress is not None:
             progress(i + 1, num_images)
-
-    # Remove images left over from an earlier, larger run (only files with our own naming pattern).
-    wanted = {im["file_name"] for im in images}
-    for name in os.listdir(images_dir):
-        if _IMAGE_RE.match(name) and name not in wanted:
-            (images_dir / name).unlink()
-
-    coco = {
-        "info": {"description": "multibox synthetic shapes", **params},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": [dict(c) for c in SYNTH_CATEGORIES],
-    }
-    _atomic_write_text(ann_path, json.dumps(coco))
-    _atomic_write_text(out_dir / _MANIFEST, json.dumps({"params": params}, indent=1, sort_keys=True))
+    _remove_stale_images(images_dir, {im["file_name"] for im in images})
+    _write_annotations(out_dir, params, images, annotations)
     return ann_path
 
 

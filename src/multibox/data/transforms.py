@@ -49,12 +49,14 @@ import torch
 import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 
+# Defaults: the tutorial's normalisation, ImageNet's statistics in 0..255 pixel units.
+from multibox.config import IMAGENET_MEAN_255, IMAGENET_STD_255
+from multibox.core.boxes import box_iou_xyxy
+
 if TYPE_CHECKING:
-    from ..config import Config
+    from multibox.config import Config
 
 __all__ = [
-    "TUTORIAL_MEAN",
-    "TUTORIAL_STD",
     "CropSample",
     "crop_acceptable",
     "sample_crop_window",
@@ -71,9 +73,6 @@ __all__ = [
     "keyed_generator",
 ]
 
-# The tutorial's normalisation, in 0..255 pixel units.
-TUTORIAL_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-TUTORIAL_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 DEFAULT_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9)
 RESIZE_MODES = ("antialias", "torchvision")
 
@@ -92,16 +91,6 @@ class CropSample(NamedTuple):
     boxes: torch.Tensor
     labels: torch.Tensor
     min_iou: float | None
-
-
-def _iou_with_windows(boxes_xyxy: torch.Tensor, windows_xyxy: torch.Tensor) -> torch.Tensor:
-    """IoU of n boxes (n, 4) with T windows (T, 4) -> (T, n)."""
-    lt = torch.maximum(windows_xyxy[:, None, :2], boxes_xyxy[None, :, :2])
-    rb = torch.minimum(windows_xyxy[:, None, 2:], boxes_xyxy[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=2)
-    area_b = (boxes_xyxy[:, 2] - boxes_xyxy[:, 0]) * (boxes_xyxy[:, 3] - boxes_xyxy[:, 1])
-    area_w = (windows_xyxy[:, 2] - windows_xyxy[:, 0]) * (windows_xyxy[:, 3] - windows_xyxy[:, 1])
-    return inter / (area_w[:, None] + area_b[None, :] - inter)
 
 
 def crop_acceptable(ious: torch.Tensor, centre_inside: torch.Tensor, t: float, rule: str = "tutorial") -> torch.Tensor:
@@ -169,7 +158,7 @@ def sample_crop_window(
     valid &= (windows[:, 2] > windows[:, 0]) & (windows[:, 3] > windows[:, 1])
 
     windows_f = windows.float()
-    ious = _iou_with_windows(boxes_xyxy, windows_f)
+    ious = box_iou_xyxy(windows_f, boxes_xyxy)   # (T, n)
     centres = (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
     centre_inside = (
         (windows_f[:, None, 0] < centres[None, :, 0])
@@ -399,8 +388,8 @@ class TrainTransform(_SeededMixin):
     def __init__(
         self,
         size: int = 300,
-        mean: Sequence[float] = TUTORIAL_MEAN,
-        std: Sequence[float] = TUTORIAL_STD,
+        mean: Sequence[float] = IMAGENET_MEAN_255,
+        std: Sequence[float] = IMAGENET_STD_255,
         crop_rule: str | None = "tutorial",
         flip_p: float = 0.5,
         jitter: Sequence[float] = (0.4, 0.4, 0.4),
@@ -529,7 +518,7 @@ class EvalTransform:
     """
 
     def __init__(
-        self, size: int = 300, mean: Sequence[float] = TUTORIAL_MEAN, std: Sequence[float] = TUTORIAL_STD,
+        self, size: int = 300, mean: Sequence[float] = IMAGENET_MEAN_255, std: Sequence[float] = IMAGENET_STD_255,
         resize: str = "antialias",
     ) -> None:
         if resize not in RESIZE_MODES:

@@ -40,11 +40,9 @@ unknown_class_name      warning   (VOC) a name outside the 20 VOC classes in a s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -52,11 +50,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .coco import (DEFAULT_MAX_IMAGE_PIXELS, CocoFormatError, coco_image_roots, coco_structure_errors,
+from multibox.data.coco import (DEFAULT_MAX_IMAGE_PIXELS, CocoFormatError, coco_image_roots, coco_structure_errors,
                    parse_coco_json)
 
-__all__ = ["Problem", "Report", "check_dataset", "check_coco", "check_voc", "check_shards", "inspect_image_bytes",
-           "add_check_data_parser", "run_check_data"]
+__all__ = ["Problem", "Report", "check_dataset", "check_coco", "check_voc", "check_shards", "inspect_image_bytes"]
 
 SEVERITY = {
     "missing_image": "error", "unreadable_image": "error", "truncated_image": "error",
@@ -295,24 +292,49 @@ def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None
         return report
     roots = coco_image_roots(ann_file, image_root or None)
     src = str(ann_file)
+    sections = _well_formed_sections(report, coco, src)
+    cat_ids = _check_categories(report, sections["categories"], src)
+    image_info = _check_images_section(report, sections["images"], src)
+    report.num_annotations = len(coco.get("annotations", []))
+    _check_annotations(report, sections["annotations"], image_info, cat_ids, src)
+    if images:
+        def locate(name: str) -> Path | None:
+            for root in roots:
+                if (root / name).is_file():
+                    return root / name
+            return None
+        jobs = [(locate(str(img.get("file_name", ""))), str(img.get("file_name", "")), iid,
+                 (int(img.get("width") or 0), int(img.get("height") or 0))) for iid, img in image_info.items()]
+        report.problems += _run_image_checks(jobs, workers, max_pixels)
+    return report
 
-    # Items of the wrong JSON shape are reported by field (training refuses the file) and left out of the checks.
+
+def _well_formed_sections(report: Report, coco: dict, src: str) -> dict[str, list[dict]]:
+    """Items of the wrong JSON shape are reported by field (training refuses the file) and left out of the
+    checks: ``{"categories" | "images" | "annotations": [the well-formed items]}``."""
     issues = coco_structure_errors(coco)
     for issue in issues:
         report.add("malformed_annotation", src, str(issue), issue.item_id if issue.section == "images" else None,
                    issue.item_id if issue.section == "annotations" else None)
     bad = {(issue.section, issue.index) for issue in issues}
-    sections = {key: [item for k, item in enumerate(coco.get(key, [])) if (key, k) not in bad]
-                for key in ("categories", "images", "annotations")}
+    return {key: [item for k, item in enumerate(coco.get(key, [])) if (key, k) not in bad]
+            for key in ("categories", "images", "annotations")}
 
+
+def _check_categories(report: Report, categories: list[dict], src: str) -> set:
+    """Report repeated category ids; returns the set of category ids."""
     cat_ids: set = set()
-    for c in sections["categories"]:
+    for c in categories:
         if c.get("id") in cat_ids:
             report.add("duplicate_category_id", src, f"category id {c.get('id')} ({c.get('name')!r}) repeats")
         cat_ids.add(c.get("id"))
+    return cat_ids
 
+
+def _check_images_section(report: Report, images: list[dict], src: str) -> dict[Any, dict]:
+    """Report repeated image ids (the first entry wins); returns image id -> entry and sets ``num_images``."""
     image_info: dict[Any, dict] = {}
-    for img in sections["images"]:
+    for img in images:
         iid = img.get("id")
         if iid in image_info:
             report.add("duplicate_image_id", img.get("file_name", src),
@@ -320,13 +342,17 @@ def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None
             continue
         image_info[iid] = img
     report.num_images = len(image_info)
+    return image_info
 
-    ann_ids: Counter = Counter(_hashable(a.get("id")) for a in sections["annotations"])
+
+def _check_annotations(report: Report, annotations: list[dict], image_info: dict[Any, dict], cat_ids: set,
+                       src: str) -> None:
+    """Repeated annotation ids, then per annotation: unknown image / category, non-finite or bad boxes."""
+    ann_ids: Counter = Counter(_hashable(a.get("id")) for a in annotations)
     for ann_id, n in ann_ids.items():
         if n > 1:
             report.add("duplicate_annotation_id", src, f"annotation id {ann_id} is used {n} times", None, ann_id)
-    report.num_annotations = len(coco.get("annotations", []))
-    for ann in sections["annotations"]:
+    for ann in annotations:
         aid, iid = _hashable(ann.get("id")), ann.get("image_id")
         img = image_info.get(iid)
         file = img.get("file_name", src) if img else src
@@ -347,17 +373,6 @@ def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None
             continue
         _box_problems(report, file, iid, aid, values, (int(img.get("width") or 0), int(img.get("height") or 0)))
 
-    if images:
-        def locate(name: str) -> Path | None:
-            for root in roots:
-                if (root / name).is_file():
-                    return root / name
-            return None
-        jobs = [(locate(str(img.get("file_name", ""))), str(img.get("file_name", "")), iid,
-                 (int(img.get("width") or 0), int(img.get("height") or 0))) for iid, img in image_info.items()]
-        report.problems += _run_image_checks(jobs, workers, max_pixels)
-    return report
-
 
 def _hashable(value: Any) -> Any:
     """An annotation id as given (any JSON value): lists / objects as their JSON text, so they can be counted."""
@@ -372,7 +387,7 @@ def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = 
     """Every problem of a VOC-style folder (all XMLs of ``Annotations/``, or those of one split)."""
     import glob
 
-    from .voc import VOC_CLASSES, VocXmlError, find_voc_root, is_plain_id, parse_voc_xml, read_split_ids
+    from multibox.data.voc import VOC_CLASSES, find_voc_root, read_split_ids
 
     found = find_voc_root(root)
     report = Report(str(root), "voc")
@@ -384,25 +399,7 @@ def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = 
     except OSError as err:
         report.add("bad_annotation_file", found / "ImageSets" / "Main" / f"{split}.txt", str(err))
         return report
-    parsed = []
-    for stem in stems:
-        if not is_plain_id(stem):
-            where = found / "ImageSets" / "Main" / f"{split}.txt" if split else found / "Annotations"
-            report.add("bad_annotation_file", where,
-                       f"image id {stem!r} is not a plain file name (refused: it could point outside the VOC folder)")
-            continue
-        xml = found / "Annotations" / f"{stem}.xml"
-        if not xml.is_file():
-            report.add("bad_annotation_file", xml, "annotation XML listed in the split is missing", stem)
-            continue
-        try:
-            info, objects, problems = parse_voc_xml(xml)
-        except VocXmlError as err:
-            report.add("bad_annotation_file", xml, str(err), stem)
-            continue
-        for msg in problems:
-            report.add("nan_box", xml, msg, stem)
-        parsed.append((stem, xml, info, objects))
+    parsed = _parse_voc_xmls(report, found, stems, split)
     names = {o.name for _, _, _, objs in parsed for o in objs}
     # Names outside the VOC classes in a set that otherwise uses them are likely typos ("persn").
     known = set(VOC_CLASSES) if names & set(VOC_CLASSES) else names
@@ -430,13 +427,40 @@ def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = 
     return report
 
 
+def _parse_voc_xmls(report: Report, found: Path, stems: list[str], split: str | None) -> list[tuple]:
+    """Parse each listed annotation XML, reporting refused ids, missing / unreadable files and bad boxes;
+    returns ``[(stem, xml path, info, objects)]`` of the readable ones."""
+    from multibox.data.voc import VocXmlError, is_plain_id, parse_voc_xml
+
+    parsed = []
+    for stem in stems:
+        if not is_plain_id(stem):
+            where = found / "ImageSets" / "Main" / f"{split}.txt" if split else found / "Annotations"
+            report.add("bad_annotation_file", where,
+                       f"image id {stem!r} is not a plain file name (refused: it could point outside the VOC folder)")
+            continue
+        xml = found / "Annotations" / f"{stem}.xml"
+        if not xml.is_file():
+            report.add("bad_annotation_file", xml, "annotation XML listed in the split is missing", stem)
+            continue
+        try:
+            info, objects, problems = parse_voc_xml(xml)
+        except VocXmlError as err:
+            report.add("bad_annotation_file", xml, str(err), stem)
+            continue
+        for msg in problems:
+            report.add("nan_box", xml, msg, stem)
+        parsed.append((stem, xml, info, objects))
+    return parsed
+
+
 # --------------------------------------------------------------------------- shards
 
 
 def check_shards(root: str | os.PathLike, images: bool = True, workers: int = 2,
                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
     """Verify a packed-shard folder: manifest, every shard's checksum, every row's CRC and image."""
-    from .shards import ShardDataset, ShardError
+    from multibox.data.shards import ShardDataset, ShardError
 
     report = Report(str(root), "shards")
     try:
@@ -471,7 +495,7 @@ def check_dataset(src: str | os.PathLike, image_root: str | os.PathLike | None =
                   images: bool = True, workers: int = 2,
                   max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
     """Dispatch on the kind of ``src``: COCO JSON, VOC folder or shard folder."""
-    from .voc import is_voc_root
+    from multibox.data.voc import is_voc_root
 
     path = Path(src)
     if path.is_dir() and (path / "manifest.json").is_file():
@@ -483,41 +507,3 @@ def check_dataset(src: str | os.PathLike, image_root: str | os.PathLike | None =
     report = Report(str(src), "unknown")
     report.add("bad_annotation_file", src, "not a COCO JSON, a VOC folder or a shard folder")
     return report
-
-
-def run_check_data(args: argparse.Namespace) -> int:
-    report = check_dataset(args.src, args.image_root, args.split, images=not args.no_images, workers=args.workers,
-                           max_pixels=args.max_image_pixels or None)
-    shown = report.problems if args.max_print is None else report.problems[: args.max_print]
-    for p in shown:
-        print(p)
-    if len(shown) < len(report.problems):
-        print(f"... {len(report.problems) - len(shown)} more (see --json)")
-    print(report.summary())
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
-        print(f"wrote {args.json}")
-    return 1 if report.num_errors else 0
-
-
-def add_check_data_parser(subparsers) -> argparse.ArgumentParser:
-    """``multibox check-data SRC``; exit status 1 when an error-level problem is found."""
-    p = subparsers.add_parser("check-data", help="validate a dataset: every problem with its file and annotation id")
-    p.add_argument("src", help="COCO annotation JSON, VOC folder, or packed-shard folder")
-    p.add_argument("--image-root", help="folder the COCO file names are relative to")
-    p.add_argument("--split", help="VOC: ImageSets/Main split to check (default: every XML)")
-    p.add_argument("--no-images", action="store_true", help="check annotations only, do not decode images")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                   help="images whose header declares more pixels are reported (oversized_image), not decoded "
-                        "(default: 8192x8192, as data.max_image_pixels; 0 = no limit)")
-    p.add_argument("--max-print", type=int, default=200, help="problems printed (all go to --json)")
-    p.add_argument("--json", help="write the full report to this JSON file")
-    p.set_defaults(func=run_check_data)
-    return p
-
-
-if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="multibox")
-    add_check_data_parser(parser.add_subparsers(dest="command", required=True))
-    sys.exit(run_check_data(parser.parse_args(["check-data", *sys.argv[1:]])))

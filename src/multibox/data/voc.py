@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .coco import DetectionDataset, ImageRecord
+from multibox.data.coco import DetectionDataset, ImageRecord
+from multibox.errors import MultiboxError
 
 __all__ = ["VOC_CLASSES", "VOCDetection", "VocObject", "VocXmlError", "find_voc_root", "is_plain_id", "is_voc_root",
            "parse_voc_xml", "voc_class_names", "read_split_ids"]
@@ -42,7 +43,7 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 
 
-class VocXmlError(ValueError):
+class VocXmlError(MultiboxError, ValueError):
     """An annotation XML that cannot be parsed or lacks required fields."""
 
 

@@ -1,19 +1,15 @@
 """Build an SSD from a :class:`multibox.config.Config`."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ..anchors import AnchorSpec, default_boxes_cxcywh, tutorial_scales
-from ..config import AnchorConfig, Config
-from .ssd import SSD
-from .tiny import TinyBackbone
-from .vgg import PaperVGG16Backbone, TutorialVGG16Backbone, init_paper_ssd
-
-
-def anchor_spec(anchors: AnchorConfig, image_size: int) -> AnchorSpec:
-    scales = anchors.scales or tutorial_scales(len(anchors.feature_sizes))
-    return AnchorSpec(anchors.feature_sizes, anchors.steps, scales, anchors.aspect_ratios, image_size,
-                      anchors.clip, anchors.extra_box_second)
+from multibox.config import Config
+from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
+from multibox.models.ssd import SSD
+from multibox.models.tiny import TinyBackbone
+from multibox.models.vgg import PaperVGG16Backbone, TutorialVGG16Backbone, init_paper_ssd
+from multibox.models.weights import load_vgg16_backbone
 
 
 # The paper's VGG16 trunks: arch name -> SSD512's extra level (see PaperVGG16Backbone).
@@ -51,7 +47,7 @@ def init_weights(model: nn.Module, scheme: str) -> None:
 
 def build_model(cfg: Config, load_backbone_weights: bool = True) -> SSD:
     """The network of ``cfg``, initialised per ``model.init``; then, if ``model.backbone_weights`` names a file and
-    ``load_backbone_weights`` is true, ImageNet VGG16 weights from it (see :func:`multibox.interop.load_vgg16_backbone`).
+    ``load_backbone_weights`` is true, ImageNet VGG16 weights from it (see :func:`multibox.models.weights.load_vgg16_backbone`).
     Pass ``load_backbone_weights=False`` when a full state dict is loaded next (a checkpoint): the file is then
     neither needed nor read."""
     spec = anchor_spec(cfg.anchors, cfg.model.image_size)
@@ -68,7 +64,6 @@ def build_model(cfg: Config, load_backbone_weights: bool = True) -> SSD:
     if cfg.model.class_prior is not None:
         model.init_class_prior(cfg.model.class_prior)
     if cfg.model.backbone_weights and load_backbone_weights:
-        from ..interop import load_vgg16_backbone   # deferred: interop imports this module
         load_vgg16_backbone(model, cfg.model.backbone_weights)
     return model
 
@@ -80,8 +75,15 @@ def model_from_state_dict(cfg: Config, state_dict: dict) -> SSD:
     return model
 
 
+def model_skeleton(cfg: Config) -> SSD:
+    """The network of ``cfg`` on the meta device: names, shapes and dtypes without allocating or initialising the
+    weights (for conversions that replace them all anyway)."""
+    with torch.device("meta"):
+        return build_model(cfg, load_backbone_weights=False)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["SSD", "anchor_spec", "build_model", "count_parameters", "init_weights", "model_from_state_dict"]
+__all__ = ["SSD", "build_model", "count_parameters", "init_weights", "model_from_state_dict", "model_skeleton"]

@@ -1,0 +1,42 @@
+"""``multibox check-data SRC``: every problem of a dataset (see :mod:`multibox.data.validate`); exit status 1 when
+one is an error."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from multibox.cli import command_help
+from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("check-data", help=command_help("check-data"))
+    p.add_argument("src", help="COCO annotation JSON, VOC folder, or packed-shard folder")
+    p.add_argument("--image-root", help="folder the COCO file names are relative to")
+    p.add_argument("--split", help="VOC: ImageSets/Main split to check (default: every XML)")
+    p.add_argument("--no-images", action="store_true", help="check annotations only, do not decode images")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help="images whose header declares more pixels are reported (oversized_image), not decoded "
+                        "(default: 8192x8192, as data.max_image_pixels; 0 = no limit)")
+    p.add_argument("--max-print", type=int, default=200, help="problems printed (all go to --json)")
+    p.add_argument("--json", help="write the full report to this JSON file")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from multibox.data.validate import check_dataset
+
+    report = check_dataset(args.src, args.image_root, args.split, images=not args.no_images, workers=args.workers,
+                           max_pixels=args.max_image_pixels or None)
+    shown = report.problems if args.max_print is None else report.problems[: args.max_print]
+    for p in shown:
+        print(p)
+    if len(shown) < len(report.problems):
+        print(f"... {len(report.problems) - len(shown)} more (see --json)")
+    print(report.summary())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
+        print(f"wrote {args.json}")
+    return 1 if report.num_errors else 0

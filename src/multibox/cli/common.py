@@ -1,0 +1,14 @@
+"""Options shared by several commands."""
+from __future__ import annotations
+
+import argparse
+
+from multibox.config import PRECISION_NAMES
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--compile`` for the commands that run a trained network (eval, predict)."""
+    parser.add_argument("--precision", choices=["auto", *PRECISION_NAMES],
+                        help="inference autocast (default: the checkpoint's eval.precision, usually auto)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the network (worth it for many images of one size)")

@@ -1,0 +1,34 @@
+"""``multibox convert SRC --out DIR``: pack a dataset into Arrow shards (see :mod:`multibox.data.shards`)."""
+from __future__ import annotations
+
+import argparse
+
+from multibox.cli import command_help
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("convert", help=command_help("convert"))
+    p.add_argument("src", help="COCO annotation JSON, VOC folder, or MindRecord file (with --instances)")
+    p.add_argument("--out", required=True, help="output folder (re-running resumes / verifies)")
+    p.add_argument("--image-root", help="folder the COCO file names are relative to")
+    p.add_argument("--split", help="VOC split to pack (default: trainval)")
+    p.add_argument("--instances", help="MindRecord source: the matching COCO instances JSON (class names, files)")
+    p.add_argument("--images-per-shard", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=2, help="reading / decoding threads")
+    p.add_argument("--no-check", action="store_true", help="do not decode images while packing")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from multibox.data.shards import convert_source
+
+    manifest = convert_source(args.src, args.out, args.image_root, args.split, args.instances, args.images_per_shard,
+                              not args.no_check, args.workers, progress=True)
+    counts = manifest["counts"]
+    print(f"{args.out}: {len(manifest['shards'])} shards ({manifest['_written']} written, {manifest['_reused']} "
+          f"already done), {counts['images']} images, {counts['annotations']} annotations, "
+          f"{counts['skipped_images']} unreadable images skipped, {len(manifest['class_names']) - 1} classes")
+    for entry in manifest["shards"]:
+        for s in entry["skipped"]:
+            print(f"  skipped {s['file_name']} (image id {s['image_id']}): {s['reason']}")
+    return 0

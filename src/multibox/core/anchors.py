@@ -1,0 +1,85 @@
+"""Default boxes ("anchors") of SSD (Liu et al. 2016, §2.2 "Choosing scales and aspect ratios").
+
+Order, which must match the heads' flattening (NCHW -> NHWC -> flat): level by level; inside a level rows
+``i``, then columns ``j``, then the sizes of one location in this order: (s_k, s_k); for each aspect ratio r,
+(s_k·√r, s_k/√r) then (s_k/√r, s_k·√r); last (√(s_k·s_{k+1}), same).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from multibox.config import AnchorConfig
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    """Geometry of the default boxes, all in units of the (square) input image.
+
+    ``scales`` has one more entry than ``feature_sizes``: the last is s_{k+1} of the last level.
+    """
+
+    feature_sizes: Sequence[int]
+    steps: Sequence[float]
+    scales: Sequence[float]
+    aspect_ratios: Sequence[Sequence[float]]
+    image_size: int
+    clip: bool = False
+    extra_box_second: bool = False  # torchvision puts the √(s_k·s_{k+1}) box second, the tutorial last
+
+    def boxes_per_location(self) -> list[int]:
+        return [2 + 2 * len(r) for r in self.aspect_ratios]
+
+    def num_anchors(self) -> int:
+        return sum(f * f * k for f, k in zip(self.feature_sizes, self.boxes_per_location()))
+
+
+def tutorial_scales(num_levels: int, s_min: float = 0.1, s_max: float = 0.95, s_last: float = 1.0) -> list[float]:
+    """s_k = s_min + (s_max - s_min)·k/(m - 1) for k = 0..m-1, then ``s_last`` (the tutorial's 1.0)."""
+    step = (s_max - s_min) / (num_levels - 1)
+    return [s_min + step * k for k in range(num_levels)] + [s_last]
+
+
+def level_sizes(scale: float, next_scale: float, ratios: Sequence[float],
+                extra_second: bool = False) -> list[tuple[float, float]]:
+    """(w, h) of the boxes at one location of a level, in the order documented above."""
+    sizes = [(scale, scale)]
+    for r in ratios:
+        root = math.sqrt(r)
+        sizes += [(scale * root, scale / root), (scale / root, scale * root)]
+    extra = math.sqrt(scale * next_scale)
+    sizes.insert(1 if extra_second else len(sizes), (extra, extra))
+    return sizes
+
+
+def default_boxes_cxcywh(spec: AnchorSpec, dtype: torch.dtype = torch.float32) -> Tensor:
+    """All default boxes as an (A, 4) cxcywh tensor normalised to [0, 1] (sizes clipped only if ``spec.clip``).
+
+    Centres are ((j + 0.5)/f_k, (i + 0.5)/f_k) with f_k = image_size / step_k.
+    """
+    levels = []
+    for k, (fsize, step, ratios) in enumerate(zip(spec.feature_sizes, spec.steps, spec.aspect_ratios)):
+        f_k = spec.image_size / step
+        centres = (torch.arange(fsize, dtype=torch.float64) + 0.5) / f_k
+        cy, cx = torch.meshgrid(centres, centres, indexing="ij")  # rows i, then columns j
+        sizes = level_sizes(spec.scales[k], spec.scales[k + 1], ratios, spec.extra_box_second)
+        wh = torch.tensor(sizes, dtype=torch.float64)
+        n = len(wh)
+        xy = torch.stack((cx, cy), dim=-1).reshape(-1, 1, 2).expand(-1, n, 2)
+        levels.append(torch.cat((xy, wh.expand(xy.shape[0], n, 2)), dim=-1).reshape(-1, 4))
+    boxes = torch.cat(levels)
+    if spec.clip:   # sizes only, as torchvision: centres of the last row/column may lie just past 1
+        boxes[:, 2:] = boxes[:, 2:].clamp(0.0, 1.0)
+    return boxes.to(dtype)
+
+
+def anchor_spec(anchors: AnchorConfig, image_size: int) -> AnchorSpec:
+    """The default-box geometry of an ``anchors`` config section (scales: the tutorial's rule when not given)."""
+    scales = anchors.scales or tutorial_scales(len(anchors.feature_sizes))
+    return AnchorSpec(anchors.feature_sizes, anchors.steps, scales, anchors.aspect_ratios, image_size,
+                      anchors.clip, anchors.extra_box_second)

@@ -1,0 +1,1 @@
+"""Training: the run (:func:`multibox.engine.fit.fit`), one epoch, optimisers and schedules, resumable state."""

@@ -1,0 +1,368 @@
+"""``multibox train``: the training run, top to bottom.
+
+Writes into the run folder: ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every epoch, and every
+``train.checkpoint_every_steps`` steps), ``epoch_N.pt`` (every ``train.checkpoint_every`` epochs), ``best.pt``
+(highest AP), ``eval.json`` (evaluation of ``best.pt``) and ``curves.png``.
+
+Reliability (a run lasts days):
+
+* checkpoints are written atomically (:func:`multibox.checkpoint.save_checkpoint`): a crash, a kill or a full disk
+  while writing leaves the previous one intact; weights that are not finite are never written;
+* ``--resume DIR`` continues from ``DIR/last.pt`` exactly where it stopped, also in the middle of an epoch:
+  model, optimizer, fp16 loss scaler, RNG states (every rank's), epoch, batch of the epoch, global step (the LR
+  schedule is a function of it), the epoch's running sums, best metrics and the non-finite counter. The
+  epoch's order is a function of (seed, epoch) (``EpochShuffleSampler``, which skips the batches done) and
+  each sample's augmentation of (seed, epoch, index) (:func:`multibox.data.transforms.keyed_generator`);
+  ``metrics.jsonl`` is rewound to the checkpoint. With ``train.deterministic`` on CPU the resumed run ends
+  with bit-identical weights to an uninterrupted one (tests/engine/test_resume.py);
+* a step whose loss or gradient is not finite is skipped, logged, and after ``train.max_nonfinite_steps``
+  consecutive ones training stops with :class:`NonFiniteTrainingError` (``last.pt`` keeps the last good state).
+
+Data-parallel: ``torchrun --nproc_per_node=N -m multibox train ...`` (see :mod:`multibox.distributed`). Each rank
+reads a disjoint part of every epoch (``EpochShuffleSampler``: global batch s holds the same images whatever N
+is), ``train.batch_size`` is the per-rank batch (global batch = batch_size x N; the LR schedule
+is not rescaled), gradients are synchronised by DistributedDataParallel, the loss is normalised by the global
+number of positives, rank 0 alone logs and writes files, and evaluation runs on all ranks and is gathered.
+With ``train.freeze_bn`` the N-process run computes the same updates as one process with the global batch; with
+BatchNorm in training mode each rank normalises over its own images (``train.sync_bn`` on CUDA syncs them).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from multibox import distributed as mbdist
+from multibox.checkpoint import save_checkpoint
+from multibox.config import Config, save_config
+from multibox.core.losses import build_criterion
+from multibox.core.matching import build_encoder
+from multibox.data.build import DataSplits, EpochShuffleSampler, build_splits, make_loader
+from multibox.data.gpu_transforms import DeviceAugmentLoader, build_batch_augment
+from multibox.engine.loop import EpochProgress, NonFiniteTrainingError, StepOptions, StepParts, train_one_epoch
+from multibox.engine.optim import build_optimizer, make_grad_scaler
+from multibox.engine.schedules import build_lr_schedule
+from multibox.engine.state import (RunLog, check_finite_weights, checkpoint_payload, gather_rng, last_good_message,
+                                   restore_training_state, rewind_log)
+from multibox.evaluation.coco import CocoEvalResult, format_per_class_table, write_eval_json
+from multibox.evaluation.evaluate import evaluate_model
+from multibox.evaluation.plots import plot_training_curves
+from multibox.models import build_model, count_parameters
+from multibox.runtime import cpu_threads, deterministic_mode, resolve_device, seed_everything
+
+logger = logging.getLogger("multibox.train")
+
+
+@dataclass
+class Run:
+    """One training run: what :func:`build_run` made, and where training stands.
+
+    ``model``: the SSD (evaluation, checkpoints); ``parts.model``: what trains (DistributedDataParallel around
+    it when data-parallel). ``epoch``: epochs completed; ``step``: the next global step; ``progress``: the epoch
+    in progress (mid-epoch after a resume); ``best``: the best evaluation so far (``{"AP": -1.0}``: none);
+    ``best_result``: its full result when this process evaluated it (the final summary).
+    """
+
+    cfg: Config
+    out: Path
+    env: mbdist.DistEnv
+    splits: DataSplits
+    model: nn.Module
+    parts: StepParts
+    sampler: EpochShuffleSampler
+    loader: Iterable
+    steps_per_epoch: int
+    data_report: dict[str, int]
+    log: RunLog | None
+    epoch: int = 0
+    step: int = 0
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    best: dict = field(default_factory=lambda: {"AP": -1.0})
+    best_result: CocoEvalResult | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device
+
+    @property
+    def geometry(self) -> dict:
+        """What decides the batches of an epoch (a mid-epoch resume needs the same)."""
+        return {"steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
+                "batch_size": self.cfg.train.batch_size}
+
+
+def fit(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, dry_run: bool = False) -> dict:
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from ``out_dir/last.pt``. Returns the final eval
+    (rank 0; the other ranks: the best metrics), with ``dry_run`` the report of :func:`dry_run_step`.
+
+    ``progress``: a progress bar per epoch (rank 0, on a terminal). Under torchrun (``WORLD_SIZE`` > 1) joins the
+    process group, trains data-parallel and leaves the group at the end (see the module docstring).
+    """
+    device = resolve_device(cfg.train.device)
+    with deterministic_mode(cfg.train.deterministic, cfg.train.threads), cpu_threads(cfg.train.threads):
+        env = mbdist.init_distributed(device.type, cfg.train.dist_backend)
+        try:
+            if env.distributed and device.type == "cuda":
+                device = torch.device("cuda", env.local_rank)
+            return _fit(cfg, Path(out_dir), resume, progress, dry_run, device, env)
+        finally:
+            if env.distributed:
+                mbdist.cleanup()
+
+
+def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, device: torch.device,
+         env: mbdist.DistEnv) -> dict:
+    """The run, top to bottom: build, restore or start, then per epoch train, evaluate, checkpoint; finish."""
+    _prepare_process(cfg, out, device)
+    run = build_run(cfg, out, device, env, progress=progress and env.is_main)
+    if dry_run:
+        return dry_run_step(run)
+    if resume:
+        restore_run(run)
+    else:
+        start_run(run)
+    try:
+        while run.epoch < cfg.train.epochs:
+            train_epoch(run)
+            if env.distributed:
+                mbdist.broadcast_buffers(run.model)   # rank 0's BatchNorm statistics everywhere (eval, checkpoints)
+            if _evaluation_due(cfg, run.epoch):
+                evaluate(run)
+            checkpoint_epoch(run)
+    except NonFiniteTrainingError as err:
+        if run.log is not None:
+            run.log({"kind": "stopped", "reason": "nonfinite", "message": str(err)})
+        raise NonFiniteTrainingError(f"{err}. {last_good_message(out)}") from None
+    return finish(run)
+
+
+def _info(message: str) -> None:
+    """An INFO record of the training logger, on rank 0 only."""
+    if mbdist.is_main():
+        logger.info(message)
+
+
+def _prepare_process(cfg: Config, out: Path, device: torch.device) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if device.type == "cuda" and not cfg.train.deterministic:
+        torch.backends.cudnn.benchmark = True   # every batch is S x S: autotune the convolutions once
+    seed_everything(cfg.train.seed)   # same on every rank: identical initial weights (DDP also broadcasts them)
+
+
+def build_run(cfg: Config, out: Path, device: torch.device, env: mbdist.DistEnv, progress: bool) -> Run:
+    """The data, the model, the optimizer and this rank's training loader, in an order that fixes the RNG draws
+    (initial weights from the common seed, then each rank its own stream)."""
+    splits = build_splits(cfg)
+    model = _build_model(cfg, splits, device, env)
+    data_report = _flat_counts(splits.load_report)   # build_splits has logged it; metrics.jsonl records it
+    if env.rank:
+        torch.manual_seed(cfg.train.seed + env.rank)   # each rank its own stream (augmentation is keyed anyway)
+        random.seed(cfg.train.seed + env.rank)
+    criterion, encoder = build_criterion(cfg), build_encoder(cfg, device)
+    if env.distributed and cfg.train.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(cfg, model)
+    train_model = _data_parallel(model, env, device)
+    sampler, loader = build_train_loader(cfg, splits, env, device)
+    steps_per_epoch = len(loader)
+    parts = StepParts(train_model, criterion, encoder, optimizer, build_lr_schedule(cfg.train, steps_per_epoch),
+                      device, make_grad_scaler(cfg, device), StepOptions.from_config(cfg, device, progress))
+    log = RunLog(out / "metrics.jsonl") if env.is_main else None
+    return Run(cfg, out, env, splits, model, parts, sampler, loader, steps_per_epoch, data_report, log)
+
+
+def _build_model(cfg: Config, splits: DataSplits, device: torch.device, env: mbdist.DistEnv) -> nn.Module:
+    """The SSD for the data's classes (``model.num_classes`` follows the data), on ``device``."""
+    if cfg.model.num_classes != len(splits.class_names) - 1:
+        _info(f"model.num_classes = {len(splits.class_names) - 1} (from the data's categories)")
+        cfg.model.num_classes = len(splits.class_names) - 1
+    model = build_model(cfg).to(device)
+    if cfg.train.channels_last:   # ~10% faster CPU steps; the convolutions then pick NHWC for the input too
+        model = model.to(memory_format=torch.channels_last)
+    _info(f"{cfg.model.arch}: {count_parameters(model):,} parameters, {model.anchors_cxcywh.shape[0]} default boxes, "
+          f"{len(splits.train)} training / {len(splits.val)} evaluation images, device {device}"
+          + (f", {env.world_size} processes x batch {cfg.train.batch_size}" if env.distributed else ""))
+    return model
+
+
+def _data_parallel(model: nn.Module, env: mbdist.DistEnv, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when the run is distributed (``model`` itself otherwise)."""
+    if not env.distributed:
+        return model
+    # Buffers (BN running statistics) are not broadcast every step (that would make an empty local batch stall
+    # the others); rank 0's are copied to all ranks before evaluation and checkpoints instead.
+    return nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None,
+                                               broadcast_buffers=False)
+
+
+def build_train_loader(cfg: Config, splits: DataSplits, env: mbdist.DistEnv,
+                       device: torch.device) -> tuple[EpochShuffleSampler, Iterable]:
+    """This rank's sampler and loader of the training set (call ``sampler.set_epoch`` every epoch)."""
+    # keyed: every sample's augmentation is drawn from (seed, epoch, index), whatever worker or rank loads it.
+    sampler = EpochShuffleSampler(len(splits.train), env.world_size, env.rank, seed=cfg.train.seed, keyed=True)
+    # data.pipeline: batched: workers decode and draw parameters, the batch is augmented on `device` (prefetched)
+    augment = build_batch_augment(cfg) if cfg.data.pipeline == "batched" else None
+    loader = make_loader(splits.train, cfg.train.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
+                         seed=cfg.train.seed + 1000 * env.rank,
+                         drop_last=len(splits.train) >= cfg.train.batch_size * env.world_size, sampler=sampler,
+                         collate_fn=None if augment is None else augment.collate)
+    if augment is not None:
+        loader = DeviceAugmentLoader(loader, augment, device)
+    return sampler, loader
+
+
+def _flat_counts(report: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {f"{split}_{key}": int(value) for split, counts in report.items() for key, value in sorted(counts.items())
+            if value}
+
+
+def start_run(run: Run) -> None:
+    """A new run: ``config.yaml``, a fresh ``metrics.jsonl`` opened by a ``data`` record (rank 0)."""
+    if run.log is None:
+        return
+    save_config(run.cfg, run.out / "config.yaml")
+    (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    run.log({"kind": "data", "train_images": len(run.splits.train), "val_images": len(run.splits.val),
+             "world_size": run.env.world_size, "global_batch": run.cfg.train.batch_size * run.env.world_size,
+             **run.data_report})
+
+
+def restore_run(run: Run) -> None:
+    """Continue from ``last.pt`` (every rank): weights, optimizer, scaler, RNGs and where training stood;
+    ``metrics.jsonl`` rewound to it and cut-short checkpoint writes removed (rank 0)."""
+    last = run.out / "last.pt"
+    state, run.progress = restore_training_state(last, run.model, run.parts.optimizer, run.parts.scaler, run.device,
+                                                 run.env.rank, run.geometry)
+    run.epoch, run.step, run.best = state["epoch"], state["step"], state["best"]
+    if run.env.is_main:
+        rewind_log(run.out / "metrics.jsonl", run.epoch, run.step)
+        for stale in run.out.glob(".*.pt.*.tmp"):   # a write cut short by a kill (never the renamed file)
+            stale.unlink(missing_ok=True)
+    _info(f"resumed from {last} at epoch {run.epoch + 1}, batch {run.progress.batch}, step {run.step}")
+
+
+def train_epoch(run: Run) -> None:
+    """Train epoch ``run.epoch + 1`` from ``run.progress`` (``last.pt`` every ``train.checkpoint_every_steps``
+    batches), log it, and advance ``run`` to its end."""
+    cfg, epoch = run.cfg, run.epoch
+    run.loader.generator.manual_seed(cfg.train.seed + 1000 * run.env.rank + epoch)   # worker seeds: history-free
+    # The shuffle of epoch e does not depend on history (nor on the world size); a resumed epoch skips the batches
+    # already done.
+    run.sampler.set_epoch(epoch, start=run.progress.batch * cfg.train.batch_size)
+    t0 = time.time()
+    stats = train_one_epoch(run.parts, run.loader, run.step, state=run.progress, log=run.log,
+                            after_batch=partial(checkpoint_in_epoch, run), desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+    run.step, streak = stats.pop("next_step"), stats.pop("nonfinite_streak")
+    run.epoch, run.progress = epoch + 1, EpochProgress(nonfinite_streak=streak)
+    if run.log is not None:
+        run.log({"kind": "epoch", "epoch": run.epoch, "step": run.step, "seconds": round(time.time() - t0, 2),
+                 **stats})
+    _info(f"epoch {run.epoch}/{cfg.train.epochs}: loss {stats['loss']:.4f} (cls {stats['loss_cls']:.4f}, "
+          f"loc {stats['loss_loc']:.4f}), {time.time() - t0:.1f}s"
+          + (f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else ""))
+
+
+def checkpoint_in_epoch(run: Run, progress: EpochProgress, next_step: int) -> None:
+    """After every batch: ``last.pt`` every ``train.checkpoint_every_steps`` batches of an epoch in progress (its
+    last batch: the epoch end saves). None during a run of non-finite steps: ``last.pt`` stays the state right
+    after the last good step."""
+    every = run.cfg.train.checkpoint_every_steps
+    if every and progress.batch % every == 0 and progress.batch < run.steps_per_epoch \
+            and not progress.nonfinite_streak:
+        save_last(run, progress, next_step)
+
+
+def save_last(run: Run, progress: EpochProgress, next_step: int) -> dict:
+    """Write ``last.pt``: ``run.epoch`` epochs done, ``progress`` into the next, ``next_step``; returns its
+    payload. All ranks call it: RNG states are gathered, BatchNorm statistics made rank 0's."""
+    if run.env.distributed:
+        mbdist.broadcast_buffers(run.model)
+    check_finite_weights(run.model)   # on every rank: all stop together
+    rng = gather_rng(run.device)
+    scaler = run.parts.scaler
+    state = checkpoint_payload(run.cfg, run.model, run.splits.class_names, optimizer=run.parts.optimizer.state_dict(),
+                               scaler=None if scaler is None else scaler.state_dict(), epoch=run.epoch,
+                               step=next_step, best=run.best, rng=rng, progress=progress.to_dict(), **run.geometry)
+    if run.env.is_main:
+        save_checkpoint(state, run.out / "last.pt")
+    return state
+
+
+def _evaluation_due(cfg: Config, epochs_done: int) -> bool:
+    every = cfg.train.eval_every
+    return epochs_done == cfg.train.epochs or bool(every and epochs_done % every == 0)
+
+
+def evaluate(run: Run) -> None:
+    """COCO evaluation after ``run.epoch`` epochs (all ranks); a new best AP writes ``best.pt`` and ``eval.json``."""
+    result = evaluate_model(run.cfg, run.model, run.splits, run.device)
+    if run.log is not None:
+        run.log({"kind": "eval", "epoch": run.epoch, "step": run.step, **result.stats})
+    _info(f"  eval: AP {result.stats['AP']:.4f}  AP50 {result.stats['AP50']:.4f}")
+    if result.stats["AP"] > run.best["AP"]:
+        save_best(run, result)
+
+
+def save_best(run: Run, result: CocoEvalResult) -> None:
+    """A new best evaluation: ``best.pt`` (weights and metrics) and ``eval.json`` (rank 0)."""
+    run.best = {**result.stats, "epoch": run.epoch}
+    check_finite_weights(run.model)
+    if run.env.is_main:
+        save_checkpoint(checkpoint_payload(run.cfg, run.model, run.splits.class_names, epoch=run.epoch,
+                                           metrics=run.best), run.out / "best.pt")
+        write_eval_json(run.out / "eval.json", result, extra={"epoch": run.epoch, "checkpoint": "best.pt"})
+    run.best_result = result
+
+
+def checkpoint_epoch(run: Run) -> None:
+    """The end of an epoch: ``last.pt`` (all ranks), ``epoch_N.pt`` every ``train.checkpoint_every`` epochs and
+    ``curves.png`` (rank 0); then every rank waits for rank 0's files (a resume reads them)."""
+    state = save_last(run, run.progress, run.step)
+    if run.env.is_main:
+        every = run.cfg.train.checkpoint_every
+        if every and run.epoch % every == 0:
+            save_checkpoint(state, run.out / f"epoch_{run.epoch}.pt")
+        plot_training_curves(run.out / "metrics.jsonl", run.out / "curves.png")
+    mbdist.barrier()
+
+
+def finish(run: Run) -> dict:
+    """Rank 0: log the best evaluation (this process's, else ``eval.json``'s) and return ``eval.json``; the other
+    ranks return the best metrics."""
+    if not run.env.is_main:
+        return run.best
+    final = json.loads((run.out / "eval.json").read_text())
+    if run.best_result is not None:
+        logger.info(run.best_result.summary)
+        logger.info(format_per_class_table(run.best_result.per_class))
+    logger.info(f"best AP {final['AP']:.4f} (AP50 {final['AP50']:.4f}) at epoch {final['epoch']}; run folder {run.out}")
+    return final
+
+
+def dry_run_step(run: Run) -> dict:
+    """One training step on one batch (no loss scaling, clipping, frozen BatchNorm or logging): proves the preset
+    builds and trains. Returns the report: arch, parameters, default_boxes, loss, step_seconds."""
+    t0 = time.time()
+    parts = replace(run.parts, scaler=None, options=StepOptions(amp_dtype=run.parts.options.amp_dtype))
+    stats = train_one_epoch(parts, _first(run.loader), 0)
+    report = {"arch": run.cfg.model.arch, "parameters": count_parameters(run.model),
+              "default_boxes": int(run.model.anchors_cxcywh.shape[0]), "loss": stats["loss"],
+              "step_seconds": round(time.time() - t0, 2)}
+    if not math.isfinite(report["loss"]):
+        raise RuntimeError("dry run produced a non-finite loss")
+    return report
+
+
+def _first(loader: Iterable) -> list:
+    for batch in loader:
+        return [batch]
+    raise RuntimeError("the training set is empty")

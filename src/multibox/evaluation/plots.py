@@ -1,0 +1,142 @@
+"""Training-curve plots (loss / learning rate / AP) from a run's ``metrics.jsonl``.
+
+Drawn with matplotlib's object API on an Agg canvas: no ``pyplot``, so no global figure
+registry that could leak figures (memory) across the many calls of a long training run,
+and no dependency on a display.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from multibox.io import atomic_write_bytes
+
+__all__ = ["read_metrics", "build_training_figure", "plot_training_curves"]
+
+_TRAIN_LOSS_KEYS = ("loss", "loss_cls", "loss_loc")
+_EVAL_KEYS = ("AP", "AP50")
+
+
+def read_metrics(metrics_jsonl: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split ``metrics.jsonl`` into (train records, eval records), in file order.
+
+    Records are the JSON objects with ``"kind": "train"`` / ``"kind": "eval"``; other
+    kinds and blank lines are ignored. A line that is not valid JSON is skipped: the file
+    is appended to while training runs, so its last line may be half-written when read.
+    """
+    train: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    with open(metrics_jsonl, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict):
+                continue
+            if rec.get("kind") == "train":
+                train.append(rec)
+            elif rec.get("kind") == "eval":
+                evals.append(rec)
+    return train, evals
+
+
+def _series(records: Sequence[dict[str, Any]], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    """(x, y) of the records that carry finite numbers under both keys."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for r in records:
+        x, y = r.get(x_key), r.get(y_key)
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and math.isfinite(x) and math.isfinite(y):
+            xs.append(float(x))
+            ys.append(float(y))
+    return xs, ys
+
+
+def build_training_figure(train: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> Figure:
+    """Two panels: loss (and lr on a twin axis) vs step; AP / AP50 vs epoch.
+
+    The loss axis is logarithmic when every plotted loss is > 0 (losses span decades),
+    linear otherwise. COCO's -1 ("undefined") AP values are not plotted.
+    """
+    fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
+    ax_loss, ax_ap = fig.subplots(1, 2)
+
+    # ---- left: losses and learning rate vs step
+    all_losses: list[float] = []
+    for key, style in zip(_TRAIN_LOSS_KEYS, ("-", "--", ":")):
+        xs, ys = _series(train, "step", key)
+        if xs:
+            ax_loss.plot(xs, ys, style, label=key, linewidth=1.2 if key == "loss" else 1.0)
+            all_losses.extend(ys)
+    if all_losses and min(all_losses) > 0:
+        ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(True, alpha=0.3)
+
+    handles, labels = ax_loss.get_legend_handles_labels()
+    xs, ys = _series(train, "step", "lr")
+    if xs:
+        ax_lr = ax_loss.twinx()
+        (lr_line,) = ax_lr.plot(xs, ys, color="tab:gray", alpha=0.7, linewidth=1.0, label="lr")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        handles.append(lr_line)
+        labels.append("lr")
+    if handles:
+        # Above the panel, not inside: the lr curve sits on the twin axis, drawn over
+        # anything inside, and a flat lr plateau runs exactly where a legend would go.
+        ax_loss.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles),
+                       fontsize="small", frameon=False)
+    else:
+        ax_loss.text(0.5, 0.5, "no training records yet", ha="center", va="center", transform=ax_loss.transAxes)
+
+    # ---- right: AP vs epoch
+    plotted = False
+    for key, marker in zip(_EVAL_KEYS, ("o", "s")):
+        xs, ys = _series(evals, "epoch", key)
+        pts = [(x, y) for x, y in zip(xs, ys) if y >= 0]
+        if pts:
+            ax_ap.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=key)
+            plotted = True
+    ax_ap.set_xlabel("epoch")
+    ax_ap.set_ylabel("COCO AP")
+    ax_ap.set_title("evaluation")
+    ax_ap.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax_ap.grid(True, alpha=0.3)
+    if plotted:
+        ax_ap.set_ylim(bottom=0.0)
+        ax_ap.legend(loc="lower right", fontsize="small")
+    else:
+        ax_ap.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_ap.transAxes)
+    return fig
+
+
+def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Read ``metrics_jsonl`` and write the loss / lr / AP curves to ``out_png``.
+
+    Works at any point of a run (no eval record yet, or no record at all). The PNG is
+    written to a temporary name and renamed, so a viewer never sees a partial file.
+    Returns the path written.
+    """
+    train, evals = read_metrics(metrics_jsonl)
+    fig = build_training_figure(train, evals)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)  # attach an Agg canvas explicitly: independent of the pyplot backend
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    return atomic_write_bytes(out, png.getbuffer())

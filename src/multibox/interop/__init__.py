@@ -1,0 +1,1 @@
+"""Weights from other code bases (torchvision, MindSpore) converted into multibox state dicts."""

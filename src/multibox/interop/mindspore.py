@@ -1,0 +1,243 @@
+"""A ``mindspore.save_checkpoint`` file of the MindSpore tutorial's ``SSD300Vgg16`` as a multibox checkpoint of the
+``ssd300-vgg16-seed`` preset (:func:`import_mindspore_ckpt`), read with the ``protobuf`` package alone (no
+MindSpore); :func:`write_mindspore_ckpt` writes the same format (tests).
+
+Every parameter is mapped by name and shape; parameters the source lacks, source entries nothing uses and shape
+mismatches fail loudly, listing them (:func:`multibox.models.weights.remap_state_dict`).
+"""
+from __future__ import annotations
+
+import binascii
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from multibox.config import load_config
+from multibox.models import model_skeleton
+from multibox.models.vgg import VGG16_BLOCKS
+from multibox.models.weights import WeightMappingError, describe_names, remap_state_dict
+
+__all__ = ["TUTORIAL_CLASS_NAMES", "import_mindspore_ckpt", "read_mindspore_ckpt", "swap_yx_offsets",
+           "tutorial_mindspore_pairs", "write_mindspore_ckpt"]
+
+
+# The tutorial's `train_cls`: background, then COCO's 80 category names in category-id order.
+TUTORIAL_CLASS_NAMES = [
+    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich",
+    "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed",
+    "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+]
+
+
+_MS_DTYPES = {"Float16": np.float16, "Float32": np.float32, "Float64": np.float64, "Int8": np.int8,
+              "Int16": np.int16, "Int32": np.int32, "Int64": np.int64, "UInt8": np.uint8, "UInt16": np.uint16,
+              "UInt32": np.uint32, "UInt64": np.uint64, "Bool": np.bool_}
+_CRC_MARK = b"crc_num"          # MindSpore's optional trailer: b"crc_num" + 10-byte big-endian CRC32 of the rest
+_CHECKPOINT_CLASS = None
+
+
+def _checkpoint_message_class():
+    """MindSpore's ``checkpoint.proto`` (mindspore/ccsrc/utils/checkpoint.proto), built at run time::
+
+        message Checkpoint {
+          message Value { required string tag = 1;
+                          oneof value { TensorProto tensor = 2; MapTensorProto maptensor = 3; } }
+          repeated Value value = 1;
+        }
+        message TensorProto { repeated int64 dims = 1; required string tensor_type = 2;
+                              required bytes tensor_content = 3; }
+        message MapTensorProto { repeated TensorProto tensor = 1; }
+
+    Fields are declared optional here (the wire format is the same) so that a damaged entry gives our own error
+    message instead of protobuf's. A private descriptor pool keeps it apart from MindSpore's, should both load.
+    """
+    global _CHECKPOINT_CLASS
+    if _CHECKPOINT_CLASS is not None:
+        return _CHECKPOINT_CLASS
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    F = descriptor_pb2.FieldDescriptorProto
+    file = descriptor_pb2.FileDescriptorProto(name="multibox_mindspore_checkpoint.proto",
+                                              package="multibox_mindspore", syntax="proto2")
+
+    def field(msg, name, number, kind, label=F.LABEL_OPTIONAL, type_name=None, oneof=None):
+        f = msg.field.add(name=name, number=number, type=kind, label=label)
+        if type_name:
+            f.type_name = type_name
+        if oneof is not None:
+            f.oneof_index = oneof
+
+    tensor = file.message_type.add(name="TensorProto")
+    field(tensor, "dims", 1, F.TYPE_INT64, F.LABEL_REPEATED)
+    field(tensor, "tensor_type", 2, F.TYPE_STRING)
+    field(tensor, "tensor_content", 3, F.TYPE_BYTES)
+    map_tensor = file.message_type.add(name="MapTensorProto")
+    field(map_tensor, "tensor", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".multibox_mindspore.TensorProto")
+    checkpoint = file.message_type.add(name="Checkpoint")
+    value = checkpoint.nested_type.add(name="Value")
+    value.oneof_decl.add(name="value")
+    field(value, "tag", 1, F.TYPE_STRING)
+    field(value, "tensor", 2, F.TYPE_MESSAGE, type_name=".multibox_mindspore.TensorProto", oneof=0)
+    field(value, "maptensor", 3, F.TYPE_MESSAGE, type_name=".multibox_mindspore.MapTensorProto", oneof=0)
+    field(checkpoint, "value", 1, F.TYPE_MESSAGE, F.LABEL_REPEATED, ".multibox_mindspore.Checkpoint.Value")
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(file)
+    descriptor = pool.FindMessageTypeByName("multibox_mindspore.Checkpoint")
+    get_class = getattr(message_factory, "GetMessageClass", None)
+    _CHECKPOINT_CLASS = get_class(descriptor) if get_class else \
+        message_factory.MessageFactory(pool).GetPrototype(descriptor)
+    return _CHECKPOINT_CLASS
+
+
+def read_mindspore_ckpt(path: str | Path) -> dict[str, np.ndarray | str]:
+    """Read a ``mindspore.save_checkpoint`` file (the default ``.ckpt`` protobuf format) into name -> array.
+
+    The file is a sequence of serialised ``Checkpoint`` messages (which protobuf parses as one, appending the
+    ``value`` lists); a tensor over 512 MiB is written as consecutive entries with the same tag whose contents are
+    concatenated. A CRC trailer (``crc_check=True``) is verified. Scalars (dims ``[0]``) become 0-d arrays, string
+    entries (``tensor_type "str"``) Python strings. Encrypted checkpoints and MapParameters are not supported.
+    """
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) >= 17 and data[-17:-10] == _CRC_MARK:
+        expected = int.from_bytes(data[-10:], "big")
+        data = data[:-17]
+        if binascii.crc32(data) != expected:
+            raise WeightMappingError(f"{path}: CRC check failed: the checkpoint is damaged")
+    message = _checkpoint_message_class()()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as err:
+        raise WeightMappingError(f"{path}: not a MindSpore checkpoint, or an encrypted one ({err})") from None
+    if len(message.value) == 0:
+        raise WeightMappingError(f"{path}: not a MindSpore checkpoint (no entries)")
+
+    chunks: dict[str, list] = {}
+    order: list[str] = []
+    previous = None
+    for value in message.value:
+        if value.WhichOneof("value") != "tensor":
+            raise WeightMappingError(f"{path}: entry {value.tag!r} is a MapParameter, which is not supported")
+        if value.tag in chunks and value.tag != previous:
+            raise WeightMappingError(f"{path}: entry {value.tag!r} appears twice")
+        if value.tag not in chunks:
+            chunks[value.tag] = []
+            order.append(value.tag)
+        chunks[value.tag].append(value.tensor)
+        previous = value.tag
+    out: dict[str, np.ndarray | str] = {}
+    for tag in order:
+        parts = chunks[tag]
+        kind, dims = parts[0].tensor_type, list(parts[0].dims)
+        content = b"".join(p.tensor_content for p in parts)
+        if kind == "str":
+            out[tag] = np.frombuffer(content, f"U{len(content) // 4}")[0].item() if content else ""
+            continue
+        if kind == "BFloat16":
+            array = torch.frombuffer(bytearray(content), dtype=torch.bfloat16).float().numpy()
+        elif kind in _MS_DTYPES:
+            array = np.frombuffer(content, dtype=_MS_DTYPES[kind])
+        else:
+            raise WeightMappingError(f"{path}: entry {tag!r} has unsupported type {kind!r}")
+        shape = () if dims == [0] else tuple(dims)
+        if array.size != int(np.prod(shape)):
+            raise WeightMappingError(f"{path}: entry {tag!r} holds {array.size} values for shape {shape}")
+        out[tag] = array.reshape(shape).copy()
+    return out
+
+
+def write_mindspore_ckpt(path: str | Path, tensors: Mapping[str, np.ndarray | Tensor]) -> None:
+    """Write name -> array as a MindSpore ``.ckpt`` (one ``Checkpoint`` message per entry, as MindSpore writes
+    them), loadable by ``mindspore.load_checkpoint``. Used to test the reader's failure modes and to hand weights
+    back to MindSpore."""
+    names = {np.dtype(v): k for k, v in _MS_DTYPES.items()}
+    message_class = _checkpoint_message_class()
+    with open(path, "wb") as f:
+        for tag, value in tensors.items():
+            array = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+            message = message_class()
+            entry = message.value.add(tag=tag)
+            entry.tensor.dims.extend(array.shape)      # a scalar has no dims, as MindSpore 2.x writes it
+            entry.tensor.tensor_type = names[array.dtype]
+            entry.tensor.tensor_content = np.ascontiguousarray(array).tobytes()
+            f.write(message.SerializeToString())
+
+
+def tutorial_mindspore_pairs(num_levels: int = 6) -> list[tuple[str, str]]:
+    """(our name, MindSpore name) for every parameter of the tutorial's ``SSD300Vgg16`` (SPEC §2): ``backbone.bS.J``
+    (no biases), ``b6_1`` (fc6), ``b7_1`` (fc7), ``b8_1`` .. ``b11_2`` (extras), and the heads
+    ``multi_box.multi_{loc,cls}_layers.K.{0: depthwise, 1: BatchNorm, 3: 1x1 conv}``; BatchNorm's gamma, beta,
+    moving_mean, moving_variance are PyTorch's weight, bias, running_mean, running_var."""
+    pairs = []
+    for b, widths in enumerate(VGG16_BLOCKS):
+        pairs += [(f"backbone.blocks.{b}.{2 * j}.weight", f"backbone.b{b + 1}.{j}.weight") for j in range(len(widths))]
+    pairs += [("backbone.fc6.weight", "b6_1.weight"), ("backbone.fc7.weight", "b7_1.weight")]
+    pairs += [(f"backbone.extras.{e}.{c}.weight", f"b{e + 8}_{c + 1}.weight") for e in range(4) for c in range(2)]
+    for ours, theirs in (("loc_heads", "multi_loc_layers"), ("cls_heads", "multi_cls_layers")):
+        for k in range(num_levels):
+            dst, src = f"{ours}.{k}", f"multi_box.{theirs}.{k}"
+            pairs += [(f"{dst}.0.weight", f"{src}.0.weight"),
+                      (f"{dst}.1.weight", f"{src}.1.gamma"), (f"{dst}.1.bias", f"{src}.1.beta"),
+                      (f"{dst}.1.running_mean", f"{src}.1.moving_mean"),
+                      (f"{dst}.1.running_var", f"{src}.1.moving_variance"),
+                      (f"{dst}.3.weight", f"{src}.3.weight"), (f"{dst}.3.bias", f"{src}.3.bias")]
+    return pairs
+
+
+# Entries that a MindSpore *training* network or ModelCheckpoint adds next to the weights.
+_TRAINING_STATE_NAMES = {"global_step", "learning_rate", "epoch_num", "step_num", "loss_scale", "scale_sense",
+                         "current_iterator_step", "last_overflow_iterator_step", "beta1_power", "beta2_power"}
+_TRAINING_STATE_PREFIXES = ("moments.", "accum.", "moment1.", "moment2.", "momentum.")
+
+
+def swap_yx_offsets(tensor: Tensor) -> Tensor:
+    """Reorder a loc head's output channels (k·4 first) from (dy, dx, dh, dw) to (dx, dy, dw, dh) per anchor (the
+    map is its own inverse)."""
+    k = tensor.shape[0] // 4
+    return tensor.reshape(k, 4, *tensor.shape[1:])[:, [1, 0, 3, 2]].reshape(tensor.shape).contiguous()
+
+
+def import_mindspore_ckpt(path: str | Path, ignore_training_state: bool = False) -> dict[str, Any]:
+    """A checkpoint of the MindSpore tutorial's ``SSD300Vgg16`` -> checkpoint payload of ``ssd300-vgg16-seed``.
+
+    Every parameter is mapped by name and shape (:func:`tutorial_mindspore_pairs`); missing or left-over entries are
+    an error. The tutorial's loc outputs are (dy, dx, dh, dw) per anchor and ours (dx, dy, dw, dh): the loc heads'
+    last 1x1 convolutions get their output channels (weight rows and bias) swapped 0<->1, 2<->3 per anchor, so the
+    imported network equals the tutorial's up to exactly that reordering of its loc output. Default boxes are in
+    the tutorial's order (extra box last) in the seed preset; class channel 0 is background in both.
+
+    Args:
+        ignore_training_state: drop optimizer and bookkeeping entries (``moments.*``, ``global_step``,
+            ``learning_rate``, ``epoch_num``, ...) that a checkpoint of a MindSpore training network carries; by
+            default they are left-overs, and an error.
+    """
+    source = read_mindspore_ckpt(path)
+    ignored = set()
+    if ignore_training_state:
+        ignored = {k for k in source if k in _TRAINING_STATE_NAMES or k.startswith(_TRAINING_STATE_PREFIXES)}
+    strings = {k for k, v in source.items() if isinstance(v, str)} - ignored
+    if strings:
+        raise WeightMappingError(f"{path}: string entries map to nothing: {describe_names(strings)}")
+    cfg = load_config("ssd300-vgg16-seed")
+    model = model_skeleton(cfg)
+    target = model.state_dict()
+    derived = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in target.items() if k.endswith("num_batches_tracked")}
+    state = remap_state_dict(source, tutorial_mindspore_pairs(), target, f"MindSpore checkpoint {path}",
+                             derived=derived, ignored=ignored)
+    for k in range(len(cfg.anchors.feature_sizes)):
+        for p in ("weight", "bias"):
+            state[f"loc_heads.{k}.3.{p}"] = swap_yx_offsets(state[f"loc_heads.{k}.3.{p}"])
+    model.load_state_dict(state, assign=True)
+    return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
+            "imported_from": f"mindspore:{Path(path).name}"}

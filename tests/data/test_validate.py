@@ -1,0 +1,130 @@
+"""check-data reports every problem class with its file / annotation id; training on broken data stays finite."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from _data_builders import make_broken_coco, make_clean_coco, make_voc
+from multibox.cli import main
+from multibox.data.coco import CocoDetection, collate_detection
+from multibox.data.validate import check_dataset
+
+TINY = ["model.widths=[8, 8, 8, 8, 8, 8, 8, 8]", "data.num_workers=0", "train.threads=2", "train.epochs=2",
+        "train.batch_size=5", "train.log_every=1", "train.checkpoint_every=0", "eval.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    return make_broken_coco(tmp_path_factory.mktemp("broken"))
+
+
+@pytest.fixture(scope="module")
+def report(broken):
+    return check_dataset(broken[0], workers=1)
+
+
+def test_every_problem_class_reported_with_file_and_id(broken, report):
+    _, expected = broken
+    for key, (file_name, ann_id) in expected.items():
+        kind = key.replace("_empty", "")
+        hits = [p for p in report.by_kind(kind) if p.file.endswith(file_name) and p.ann_id == ann_id]
+        assert hits, f"{kind} on {file_name} / {ann_id} not reported; got {[str(p) for p in report.by_kind(kind)]}"
+
+
+def test_no_false_alarms_on_good_images(broken, report):
+    flagged_images = {p.file.rsplit("/", 1)[-1] for p in report.problems if p.ann_id is None}
+    assert not {"good1.jpg", "good2.jpg", "good3.jpg"} & flagged_images
+    # exactly one out-of-image box, one zero-size, one negative, one NaN
+    for kind in ("out_of_image_box", "zero_size_box", "negative_box", "nan_box", "unknown_category_id"):
+        assert len(report.by_kind(kind)) == 1, kind
+
+
+def test_summary_and_cli_exit_status(broken, report, tmp_path, capsys):
+    text = report.summary()
+    assert "truncated_image" in text and "errors" in text
+    assert report.num_images == 15 and report.num_errors > 0
+    assert main(["check-data", str(broken[0]), "--json", str(tmp_path / "r.json"), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "missing.jpg [image 10]: missing_image" in out
+    assert "[annotation 105]: unknown_category_id" in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["counts"]["truncated_image"] == 1
+
+
+def test_clean_coco_has_no_errors(tmp_path):
+    ann = make_clean_coco(tmp_path / "c", num_images=4)
+    rep = check_dataset(ann, workers=1)
+    assert rep.problems == [], [str(p) for p in rep.problems]
+
+
+def test_voc_problems(tmp_path):
+    voc = make_voc(tmp_path, {"000001": [("dog", 1, 1, 20, 20, 0), ("cat", 30, 5, 80, 30, 0)],   # out of 60x40
+                              "000002": [("person", 5, 5, 5, 20, 1), ("persn", 2, 2, 9, 9, 0)]},
+                   {"trainval": ["000001", "000002"]})
+    (voc / "Annotations" / "000003.xml").write_text("<annotation><object>")   # broken XML
+    (voc / "JPEGImages" / "000002.jpg").unlink()
+    rep = check_dataset(voc.parent, workers=1)
+    assert [p.file.endswith("000003.xml") for p in rep.by_kind("bad_annotation_file")] == [True]
+    (hit,) = rep.by_kind("out_of_image_box")
+    assert hit.ann_id == "000001#1" and hit.file.endswith("000001.xml")
+    assert not rep.by_kind("zero_size_box")   # xmin == xmax is a 1-pixel-wide box in VOC's inclusive indices
+    (typo,) = rep.by_kind("unknown_class_name")
+    assert typo.ann_id == "000002#1" and "persn" in typo.message
+    (missing,) = rep.by_kind("missing_image")
+    assert missing.file.endswith("000002.jpg") and missing.image_id == "000002"
+
+
+def test_dataset_policy_on_broken_data(broken):
+    ds = CocoDetection(broken[0])
+    rep = ds.load_report
+    assert rep["duplicate_image_ids"] == 1 and rep["annotations_unknown_category"] == 1
+    assert rep["annotations_bad_bbox"] == 1 and rep["annotations_unknown_image"] == 1
+    assert rep["annotation_ids_renumbered"] == 1
+    assert rep["degenerate_boxes_dropped"] == 2 and rep["boxes_clipped"] == 1
+    samples = [ds[i] for i in range(len(ds))]
+    unreadable = {ds.records[i].file_name for i, s in enumerate(samples) if s is None}
+    assert unreadable == {"missing.jpg", "truncated.jpg", "garbage.jpg", "empty.jpg"}
+    for s in samples:
+        if s is None:
+            continue
+        image, target = s
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        boxes = target["boxes"]
+        h, w = target["orig_size"]
+        assert torch.isfinite(boxes).all()
+        assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+        assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all() and (boxes >= 0).all()
+    by_name = {ds.records[i].file_name: s for i, s in enumerate(samples)}
+    assert by_name["rotated.jpg"][0].shape == (3, 40, 60)          # EXIF applied
+    deep = by_name["deep.png"][0]
+    assert deep.dtype == torch.uint8 and int(deep.max()) > 100     # 16-bit scaled, not clipped to 255
+    batch = collate_detection([(torch.zeros(3, 4, 4), {}), None, None])
+    images, targets = batch
+    assert images.shape == (1, 3, 4, 4) and batch.skipped == 2
+    assert ds.coco_gt()["annotations"] and len({a["id"] for a in ds.coco_gt()["annotations"]}) == len(
+        ds.coco_gt()["annotations"])
+
+
+def test_training_on_broken_set_is_finite_and_logs_skips(broken, tmp_path):
+    from multibox.cli import main
+
+    ann, _ = broken
+    out = tmp_path / "run"
+    args = ["train", "--data", str(ann), "--val-data", str(ann), "--out", str(out), "--no-progress"]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    data = [r for r in records if r["kind"] == "data"][0]
+    assert data["train_annotations_unknown_category"] == 1 and data["train_annotations_bad_bbox"] == 1
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [e["skipped_images"] for e in epochs] == [4, 4]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert losses and all(math.isfinite(v) for v in losses)
+    assert all(e["skipped_steps"] == 0 for e in epochs)
+    result = json.loads((out / "eval.json").read_text())
+    assert all(np.isfinite(result[k]) for k in ("AP", "AP50"))
