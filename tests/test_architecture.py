@@ -129,9 +129,10 @@ def test_checkpoint_from_before_the_restructuring_predicts_the_same():
     """Written at commit 0b136a8 (see fixtures/tiny_checkpoint_v1/README.md): same detections today. Compared one
     to one with tolerances for another torch's rounding; detections within 1e-4 of the score threshold may differ."""
     expected = {k: torch.tensor(v) for k, v in json.loads((FIXTURE / "expected.json").read_text()).items()}
-    got = multibox.load(FIXTURE / "best.pt", device="cpu").predict(FIXTURE / "image.png")[0]
+    detector = multibox.load(FIXTURE / "best.pt", device="cpu")
+    got = detector.predict(FIXTURE / "image.png")[0]
     assert len(expected["scores"]) == 100
-    threshold = multibox.load(FIXTURE / "best.pt", device="cpu").postprocess.score_threshold
+    threshold = detector.postprocess.score_threshold
     firm_expected = expected["scores"] > threshold + 1e-4
     firm_got = got["scores"] > threshold + 1e-4
     assert int(firm_expected.sum()) == int(firm_got.sum())

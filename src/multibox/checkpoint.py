@@ -2,7 +2,7 @@
 
 A checkpoint is a dict of plain types and tensors: ``format``, ``version``, ``model`` (state dict), ``config``
 (the resolved config as a dict), ``class_names`` and, for training checkpoints (``last.pt``, see
-:mod:`multibox.train`), ``optimizer``, ``scaler`` (fp16 loss scaling, or None), ``epoch`` (epochs completed),
+:mod:`multibox.engine.fit`), ``optimizer``, ``scaler`` (fp16 loss scaling, or None), ``epoch`` (epochs completed),
 ``step`` (next global step), ``progress`` (the position inside the epoch and its running sums, the non-finite
 counter), ``best``, ``rng`` (torch / python / CUDA states, every rank's under ``per_rank``) and the batch geometry
 (``steps_per_epoch``, ``world_size``, ``batch_size``) a mid-epoch resume must match.

@@ -82,7 +82,7 @@ class DataSplits:
     label_to_category_id: dict[int, int]
     val_gt: Any                            # COCO dict (or JSON path) of the evaluation set's ground truth
     val_image_ids: list[int]
-    val_source_kind: str = "coco"          # "voc": VOC07 / VOC area mAP apply (multibox.voc_eval.evaluate_voc)
+    val_source_kind: str = "coco"          # "voc": VOC07 / VOC area mAP apply (multibox.evaluation.voc.evaluate_voc)
     load_report: dict[str, dict[str, int]] = field(default_factory=dict)   # {"train": counts, "val": counts}
 
 

@@ -15,7 +15,7 @@ Conventions:
   ymax - ymin + 1]``. Areas computed on these boxes equal the devkit's ``(x2 - x1 + 1)(y2 - y1 + 1)``.
 * ``difficult`` objects are kept as crowd-like boxes: left out of the training targets (unless
   ``keep_difficult``), ``iscrowd=1`` and ``difficult=1`` in :meth:`coco_gt` so COCO evaluation ignores them, and
-  ignored by the VOC protocol in :mod:`multibox.voc_eval`.
+  ignored by the VOC protocol in :mod:`multibox.evaluation.voc`.
 * Classes: the 20 VOC classes in their standard order (category id = label = 1..20) when every object name is
   one of them; otherwise the sorted names found (a custom VOC-style set), unless ``class_names`` is given.
 * Image ids: the numeric VOC id (``2008_000123`` -> 2008000123) when all ids of the set are numeric and

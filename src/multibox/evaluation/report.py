@@ -15,7 +15,7 @@ Confusion matrix matching: per image, the detections scoring >= ``score_threshol
 truth boxes are paired greedily by descending IoU, class-agnostically, one to one, pairs below
 ``iou_threshold`` never; a pair counts in (true class, predicted class).
 
-Drawn with matplotlib's object API on Agg canvases (no pyplot state, no display), like :mod:`multibox.plots`.
+Drawn with matplotlib's object API on Agg canvases (no pyplot state, no display), like :mod:`multibox.evaluation.plots`.
 """
 from __future__ import annotations
 

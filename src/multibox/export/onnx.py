@@ -24,7 +24,7 @@ Outputs with postprocessing (the default), K = the per-image detection cap:
 - ``num_detections``: (N,) int64; entries at positions >= num_detections[i] are padding
   (boxes 0, scores 0, labels -1).
 
-The postprocessing reproduces :class:`multibox.postprocess.PostProcessor` of the checkpoint's config: sigmoid or
+The postprocessing reproduces :class:`multibox.core.postprocess.PostProcessor` of the checkpoint's config: sigmoid or
 softmax scores, scores strictly above the threshold, at most ``pre_nms_top_k`` candidates per class and image,
 per-class NMS (suppress when IoU > threshold), at most ``max_per_class`` per class, at most K per image (highest
 scores). ONNX's ``NonMaxSuppression`` does the NMS; its score threshold is strict (``>``) and it suppresses at

@@ -59,7 +59,7 @@ def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]
 
 def load_detector(model_path: str | Path, backend: str = "auto", device: str = "auto", threads: int = 0,
                   precision: str | None = None, compile_: bool | None = None):
-    """A :class:`multibox.api.Detector` (``backend="torch"``, a ``.pt`` checkpoint) or a
+    """A :class:`multibox.inference.detector.Detector` (``backend="torch"``, a ``.pt`` checkpoint) or a
     :class:`multibox.inference.onnx.OnnxDetector` (``backend="onnxruntime"``, an exported ``.onnx`` file).
     ``auto`` picks by the file's suffix; ``precision`` and ``compile_`` apply to the torch backend."""
     path = Path(model_path)
