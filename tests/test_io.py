@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from multibox.io import atomic_path, atomic_write_bytes, atomic_write_text, progress_bar
+from multibox.io import atomic_path, atomic_write_bytes, atomic_write_text, progress_bar, remove_leftover_temporaries
 
 
 class Boom(Exception):
@@ -117,3 +117,13 @@ def test_progress_bar_draws_on_a_terminal_only(monkeypatch, terminal, enabled, d
     bar.set_postfix(loss="0.5")
     bar.close()
     assert ("epoch 1/2" in console.getvalue()) is drawn
+
+
+def test_leftover_temporaries_are_removed_and_nothing_else(tmp_path):
+    names = ["last.pt", ".last.pt.k3j2.tmp", ".manifest.json.x9.tmp", "shard-00000.arrow", ".hidden", "a.tmp"]
+    for name in names:
+        (tmp_path / name).write_text(name)
+    remove_leftover_temporaries(tmp_path, "*.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names) - {".last.pt.k3j2.tmp"})
+    remove_leftover_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "a.tmp", "last.pt", "shard-00000.arrow"]

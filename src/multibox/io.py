@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "progress_bar"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "progress_bar",
+           "remove_leftover_temporaries"]
 
 
 def _current_umask() -> int:
@@ -48,6 +49,14 @@ def _temp_file(path: Path) -> tuple[int, Path]:
         os.unlink(tmp)
         raise
     return fd, Path(tmp)
+
+
+def remove_leftover_temporaries(folder: str | os.PathLike, name_glob: str = "*") -> None:
+    """Remove the temporary files that a write into ``folder`` cut short by a kill left behind (the
+    ``.{name}.XXXX.tmp`` of destinations matching ``name_glob``); the renamed files are never touched. For a
+    writer that resumes work in ``folder``, where no other writer runs."""
+    for stale in Path(folder).glob(f".{name_glob}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -47,7 +47,7 @@ import pyarrow as pa
 from multibox.core.boxes import ltwh_to_xyxy
 from multibox.data.coco import DetectionDataset, ImageDecodeError, ImageRecord, decode_image_rgb
 from multibox.errors import MultiboxError
-from multibox.io import atomic_path, atomic_write_text
+from multibox.io import atomic_path, atomic_write_text, remove_leftover_temporaries
 
 __all__ = ["FORMAT", "SCHEMA", "ShardDataset", "ShardError", "convert_dataset", "convert_source", "is_shard_dir"]
 
@@ -190,6 +190,7 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
                "class_names": src.class_names, "categories": src.categories}
     options_digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
     previous = _previous_shards(out)
+    remove_leftover_temporaries(out)   # of a conversion killed mid-write (this one resumes it)
     num_shards = (len(src) + n - 1) // n
     manifest = {
         "format": FORMAT, "version": VERSION, "complete": False, "source_kind": src.source_kind,

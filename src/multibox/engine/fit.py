@@ -56,6 +56,7 @@ from multibox.engine.state import (RunLog, check_finite_weights, checkpoint_payl
 from multibox.evaluation.coco import CocoEvalResult, format_per_class_table, write_eval_json
 from multibox.evaluation.evaluate import evaluate_model
 from multibox.evaluation.plots import plot_training_curves
+from multibox.io import remove_leftover_temporaries
 from multibox.models import build_model, count_parameters
 from multibox.runtime import cpu_threads, deterministic_mode, resolve_device, seed_everything
 
@@ -245,8 +246,7 @@ def restore_run(run: Run) -> None:
     run.epoch, run.step, run.best = state["epoch"], state["step"], state["best"]
     if run.env.is_main:
         rewind_log(run.out / "metrics.jsonl", run.epoch, run.step)
-        for stale in run.out.glob(".*.pt.*.tmp"):   # a write cut short by a kill (never the renamed file)
-            stale.unlink(missing_ok=True)
+        remove_leftover_temporaries(run.out, "*.pt")
     _info(f"resumed from {last} at epoch {run.epoch + 1}, batch {run.progress.batch}, step {run.step}")
 
 

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from multibox.io import atomic_write_bytes
 
-__all__ = ["read_metrics", "build_training_figure", "plot_training_curves"]
+__all__ = ["read_metrics", "build_training_figure", "plot_training_curves", "save_figure_png"]
 
 _TRAIN_LOSS_KEYS = ("loss", "loss_cls", "loss_loc")
 _EVAL_KEYS = ("AP", "AP50")
@@ -133,10 +133,15 @@ def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.Pat
     Returns the path written.
     """
     train, evals = read_metrics(metrics_jsonl)
-    fig = build_training_figure(train, evals)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)  # attach an Agg canvas explicitly: independent of the pyplot backend
+    return save_figure_png(build_training_figure(train, evals), out)
+
+
+def save_figure_png(fig: Figure, path: Path) -> Path:
+    """Render ``fig`` on an Agg canvas (independent of the pyplot backend) and write it to ``path`` as a PNG,
+    atomically; returns ``path``."""
+    FigureCanvasAgg(fig)
     png = io.BytesIO()
     fig.savefig(png, format="png")
-    return atomic_write_bytes(out, png.getbuffer())
+    return atomic_write_bytes(path, png.getbuffer())

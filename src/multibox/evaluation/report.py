@@ -20,7 +20,6 @@ Drawn with matplotlib's object API on Agg canvases (no pyplot state, no display)
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 
 from multibox.core.boxes import ltwh_to_xyxy
 from multibox.evaluation.coco import STAT_KEYS, CocoEvalResult
-from multibox.io import atomic_write_bytes, atomic_write_text
+from multibox.io import atomic_write_text
 
 __all__ = ["confusion_matrix", "dataset_image_loader", "plot_confusion_matrix", "plot_pr_curves", "plot_samples",
            "write_eval_report"]
@@ -51,12 +50,9 @@ def _load_coco(coco_gt: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
 
 
 def _save(fig, path: Path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from multibox.evaluation.plots import save_figure_png   # matplotlib is imported only when drawing
 
-    FigureCanvasAgg(fig)
-    png = io.BytesIO()
-    fig.savefig(png, format="png")
-    return atomic_write_bytes(path, png.getbuffer())
+    return save_figure_png(fig, path)
 
 
 def _bboxes_ltwh_to_xyxy(bboxes_ltwh: Sequence[Sequence[float]]) -> np.ndarray:

@@ -57,14 +57,9 @@ import torch
 from torch import Tensor, nn
 
 from multibox.config import Config
-from multibox.core.postprocess import PostProcessor, build_postprocessor, group_rank
+from multibox.core.postprocess import PostProcessor, build_postprocessor, group_rank, grouped_nms
 from multibox.export import DEFAULT_MAX_DETECTIONS, OPSET
 from multibox.io import atomic_path
-
-try:
-    from multibox.core.postprocess import grouped_nms
-except ImportError:  # older name of the same function
-    from multibox.core.postprocess import batched_nms_float64 as grouped_nms
 
 __all__ = [
     "DEFAULT_MAX_DETECTIONS",
