@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,9 +51,19 @@ FUZZ_BUDGET = {
 ATHERIS_RUNS = 15000
 SCALE = float(os.environ.get("MULTIBOX_FUZZ_SCALE", "1"))
 
-logging.getLogger("multibox.data").setLevel(logging.ERROR)   # unreadable-image warnings by the hundred
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin"),   # PIL on corrupted TIFFs
               pytest.mark.slow]   # thousands of generated inputs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_data_warnings():
+    """No unreadable-image warnings by the hundred while this module runs (restored after: other modules assert
+    on them)."""
+    data_logger = logging.getLogger("multibox.data")
+    level = data_logger.level
+    data_logger.setLevel(logging.ERROR)
+    yield
+    data_logger.setLevel(level)
 
 
 def _settings(name: str):
@@ -340,6 +351,9 @@ def _checkpoint_bytes() -> bytes:
 CHECKPOINT_BYTES = _checkpoint_bytes()
 
 
+# torch.load's warnings about the garbage it is fed (odd pickle protocols, odd objects) are expected here
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+@pytest.mark.filterwarnings("ignore::Warning:torch._weights_only_unpickler")
 @_settings("checkpoints: random / mutated bytes")
 @given(st.data())
 def test_checkpoint_loading_refuses_garbage(data):
@@ -388,11 +402,23 @@ ATHERIS_HARNESS = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
-                    reason="atheris is not installed (pip install atheris): coverage-guided fuzzing of the COCO "
-                           "reader skipped; the hypothesis tests above still run")
-def test_atheris_coco_reader(tmp_path):
-    """libFuzzer (through atheris) mutates a valid COCO file, coverage-guided, for ATHERIS_RUNS inputs."""
+ATHERIS_TARGET = "COCO JSON reader (atheris / libFuzzer, subprocess)"
+ATHERIS_MISSING = ("atheris is not installed (pip install atheris): coverage-guided fuzzing of the COCO reader "
+                   "skipped; the hypothesis tests above still run")
+
+
+def libfuzzer_runs(output: str) -> int:
+    """The number of inputs libFuzzer says it ran (its last line: ``Done 15000 runs in 7 second(s)``)."""
+    done = re.findall(r"^Done (\d+) runs in ", output, re.MULTILINE)
+    if not done:
+        raise AssertionError(f"libFuzzer reported no 'Done N runs' line:\n{output[-3000:]}")
+    return int(done[-1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason=ATHERIS_MISSING)
+def test_atheris_coco_reader(tmp_path, fuzz_runs):
+    """libFuzzer (through atheris) mutates a valid COCO file, coverage-guided, for ATHERIS_RUNS inputs or its time
+    limit, whichever comes first; the number it ran is recorded (``fuzz_runs``) for the hostile-inputs table."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "valid.json").write_text(json.dumps(_valid_coco()))
@@ -404,4 +430,14 @@ def test_atheris_coco_reader(tmp_path):
                            f"-artifact_prefix={tmp_path}/"], capture_output=True, text=True, timeout=180 * SCALE)
     tail = (done.stdout + done.stderr)[-3000:]
     assert done.returncode == 0, tail
-    assert "Done" in tail and "crash-" not in "".join(p.name for p in tmp_path.iterdir()), tail
+    assert "crash-" not in "".join(p.name for p in tmp_path.iterdir()), tail
+    runs = libfuzzer_runs(done.stdout + done.stderr)
+    assert 0 < runs <= int(ATHERIS_RUNS * SCALE), tail
+    fuzz_runs[ATHERIS_TARGET] = runs
+
+
+def test_libfuzzer_run_count_is_read_from_its_last_line():
+    output = "#2\tINITED cov: 10\n#4096\tpulse cov: 12\nDone 4096 runs in 3 second(s)\n"
+    assert libfuzzer_runs(output) == 4096
+    with pytest.raises(AssertionError, match="no 'Done N runs' line"):
+        libfuzzer_runs("#2\tINITED cov: 10\n==123== ERROR: libFuzzer: deadly signal\n")

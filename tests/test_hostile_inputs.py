@@ -1,7 +1,9 @@
 """Hostile inputs, tallied: every bad input below is fed to the readers (training's and ``check-data``'s) and must be
 refused cleanly (the documented error, naming the file and, for annotations, the field) or reported; interrupted
-checkpoint writes must lose nothing. The table of kinds, counts, crashes and data lost is printed by
-``test_print_the_table`` (with the fuzzing budget of tests/test_fuzz.py).
+checkpoint writes must lose nothing. ``test_the_table`` tabulates kinds, counts, crashes and data lost, with the
+fuzzing of tests/test_fuzz.py (hypothesis budgets; atheris runs only where they happened in this session); it is
+in that test's captured output (``pytest tests/test_hostile_inputs.py -rP``), or in the file named by
+``MULTIBOX_HOSTILE_TABLE``.
 
 Outcomes: ``refused`` (documented error / reported problem, message checked), ``inert`` (read, and the hostile part
 verifiably had no effect), ``crash`` (any other exception), ``accepted`` (a bad input that got through).
@@ -663,9 +665,25 @@ def test_no_data_lost(tally):
     assert not lost, [(o.kind, o.name, o.detail) for o in lost]
 
 
-def _table(tally) -> str:
-    from test_fuzz import ATHERIS_RUNS, FUZZ_BUDGET
+def _fuzz_table(fuzz_runs: dict[str, int]) -> list[str]:
+    """The fuzz targets of tests/test_fuzz.py: hypothesis's budgets, and what atheris ran in this session (a count
+    only when it ran, the reason when it was skipped)."""
+    import importlib.util
 
+    from test_fuzz import ATHERIS_TARGET, FUZZ_BUDGET, SCALE
+
+    lines = ["| fuzz target (tests/test_fuzz.py) | inputs |", "|---|---:|"]
+    lines += [f"| {name} (hypothesis) | at most {max(1, int(n * SCALE))} per run |" for name, n in FUZZ_BUDGET.items()]
+    if ATHERIS_TARGET in fuzz_runs:
+        atheris = f"{fuzz_runs[ATHERIS_TARGET]} in this session"
+    elif importlib.util.find_spec("atheris") is None:
+        atheris = "skipped: atheris is not installed"
+    else:
+        atheris = "not run in this session"
+    return lines + [f"| {ATHERIS_TARGET} | {atheris} |"]
+
+
+def _table(tally: list[Outcome], fuzz_runs: dict[str, int]) -> str:
     rows = defaultdict(lambda: [0, 0, 0, 0])
     for o in tally:
         row = rows[o.kind]
@@ -679,17 +697,26 @@ def _table(tally) -> str:
         lines.append(f"| {kind} | {tried} | {clean} | {crashes} | {lost} |")
     total = [sum(r[i] for r in rows.values()) for i in range(4)]
     lines.append(f"| **total** | **{total[0]}** | **{total[1]}** | **{total[2]}** | **{total[3]}** |")
-    lines += ["", "| fuzz target (tests/test_fuzz.py) | examples per run |", "|---|---:|"]
-    lines += [f"| {name} (hypothesis) | {n} |" for name, n in FUZZ_BUDGET.items()]
-    lines.append(f"| COCO JSON reader (atheris / libFuzzer, subprocess) | {ATHERIS_RUNS} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + _fuzz_table(fuzz_runs))
 
 
-def test_print_the_table(tally, capsys):
-    table = _table(tally)
-    with capsys.disabled():
-        print("\n" + table)
+def test_the_table(tally, fuzz_runs):
+    """The table goes to the captured output (shown with ``-rP``), never past pytest's capture among the dots."""
+    table = _table(tally, fuzz_runs)
+    print(table)
     out = os.environ.get("MULTIBOX_HOSTILE_TABLE")
     if out:
         Path(out).write_text(table + "\n")
-    assert "| **total** |" in table
+    assert f"| **total** | **{len(tally)}** |" in table and f"| {tally[0].kind} |" in table
+
+
+def test_the_table_states_atheris_runs_only_when_they_happened():
+    from test_fuzz import ATHERIS_RUNS, ATHERIS_TARGET
+
+    tally = [Outcome("COCO JSON", "a", "refused"), Outcome("COCO JSON", "b", "crash", lost=1)]
+    table = _table(tally, {})
+    assert "| COCO JSON | 2 | 1 | 1 | 1 |" in table
+    atheris = next(line for line in table.splitlines() if line.startswith(f"| {ATHERIS_TARGET} |"))
+    assert str(ATHERIS_RUNS) not in atheris
+    assert atheris.endswith(("| skipped: atheris is not installed |", "| not run in this session |")), atheris
+    assert f"| {ATHERIS_TARGET} | 1234 in this session |" in _table(tally, {ATHERIS_TARGET: 1234})

@@ -130,6 +130,7 @@ class TrainConfig:
     dist_backend: str = "auto"             # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     # --- reliability (train.py, engine.py)
     checkpoint_every_steps: int = 0        # also write last.pt every N steps, with the position in the epoch; 0 = off
+    checkpoint_every_minutes: float = 5.0  # also write last.pt when this long has passed since the last one; 0 = off
     max_nonfinite_steps: int = 20          # stop after this many consecutive non-finite loss / gradient steps; 0 = never
     deterministic: bool = False            # torch.use_deterministic_algorithms, fixed threads (exact resume on CPU)
 
@@ -164,7 +165,72 @@ class Config:
     def from_dict(cls, raw: dict[str, Any]) -> "Config":
         cfg = cls()
         merge(cfg, raw)
+        validate(cfg)
         return cfg
+
+
+class Range(typing.NamedTuple):
+    """The values a numeric config key can take: ``low`` .. ``high`` (None: unbounded), ends included unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = self.low is None or value > self.low or (value == self.low and not self.low_open)
+        below = self.high is None or value < self.high or (value == self.high and not self.high_open)
+        return above and below
+
+    def __str__(self) -> str:
+        ends = [f"{'>' if self.low_open else '>='} {self.low:g}" if self.low is not None else "",
+                f"{'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else ""]
+        return " and ".join(e for e in ends if e)
+
+
+# What a run can use. A setting outside would fail later with a traceback (batch_size 0), train on nothing
+# (val_fraction 1.5) or train backwards (lr -1). lr 0 is allowed: nothing moves, a way to evaluate where fine-tuning
+# starts.
+_PROBABILITY, _COUNT, _POSITIVE, _NON_NEGATIVE = Range(0, 1), Range(0), Range(1), Range(0.0)
+RANGES: dict[str, Range] = {
+    "model.image_size": _POSITIVE,
+    "data.val_fraction": Range(0, 1, high_open=True),
+    "data.num_workers": _COUNT,
+    "data.flip_p": _PROBABILITY,
+    "data.zoom_out_p": _PROBABILITY,
+    "data.max_image_pixels": _POSITIVE,
+    "train.epochs": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.lr": _NON_NEGATIVE,
+    "train.lr_init": _NON_NEGATIVE,
+    "train.lr_end": _NON_NEGATIVE,
+    "train.warmup_epochs": _NON_NEGATIVE,
+    "train.momentum": Range(0, 1, high_open=True),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.eval_every": _COUNT,
+    "train.checkpoint_every": _COUNT,
+    "train.checkpoint_every_steps": _COUNT,
+    "train.checkpoint_every_minutes": _NON_NEGATIVE,
+    "train.log_every": _POSITIVE,
+    "train.threads": _COUNT,
+    "train.max_nonfinite_steps": _COUNT,
+    "loss.iou_threshold": Range(0, 1, low_open=True),
+    "eval.score_threshold": _PROBABILITY,
+    "eval.nms_threshold": Range(0, 1, low_open=True),
+    "eval.max_per_class": _POSITIVE,
+    "eval.batch_size": _POSITIVE,
+}
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` naming the first key of :data:`RANGES` whose value is out of its range."""
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+        if not allowed.contains(value):
+            raise ConfigError(f"config key {key!r} = {value!r} is out of range: it must be {allowed}")
 
 
 def merge(cfg: Any, raw: dict[str, Any], prefix: str = "") -> None:

@@ -14,15 +14,34 @@ import torch
 from torch import nn
 
 from multibox.config import Config
+from multibox.errors import MultiboxError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # keys: config.PRECISION_NAMES
 
 
+class DeviceError(MultiboxError, RuntimeError):
+    """A device that is not there (``cuda`` without a GPU, ``cuda:3`` on a machine with two) or not a device."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU; anything else as ``torch.device`` reads it."""
+    """``auto``: the first CUDA device when there is one, else the CPU; anything else as ``torch.device`` reads it,
+    checked to exist (:class:`DeviceError` otherwise, before any work starts)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"{name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise DeviceError(f"device {name!r}: no CUDA GPU is available here (torch {torch.__version__}); "
+                              "use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"device {name!r}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise DeviceError(f"device {name!r}: MPS is not available here; use cpu or auto")
+    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -42,6 +42,14 @@ def test_every_command_has_a_module_and_its_help(name, capsys):
     assert capsys.readouterr().out.startswith(f"usage: multibox {name} ")
 
 
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_option_is_described(name):
+    module = importlib.import_module(f"multibox.cli.{COMMANDS[name][0]}")
+    parser = module.add_parser(argparse.ArgumentParser(prog="multibox").add_subparsers(dest="command"))
+    undescribed = [action.option_strings or action.dest for action in parser._actions if not action.help]
+    assert undescribed == [], f"multibox {name} --help describes no {undescribed}"
+
+
 def test_precision_names_are_the_runtime_precisions():
     from multibox.config import PRECISION_NAMES
     from multibox.export import INPUT_DTYPE_NAMES

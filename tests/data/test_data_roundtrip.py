@@ -29,7 +29,9 @@ def test_shards_train_and_evaluate_exactly_like_the_loose_source(tmp_path):
 
     loose = _train(ann, tmp_path / "loose", f"data.image_root={ann.parent / 'photos'}")
     packed = _train(tmp_path / "shards", tmp_path / "packed")
-    assert packed == loose
+    provenance = ("data", "checkpoint")   # what was evaluated: the source's path and the checkpoint's hash differ
+    assert {k: v for k, v in packed.items() if k not in provenance} == \
+        {k: v for k, v in loose.items() if k not in provenance}
     assert loose["per_class"] and set(loose["per_class"]) == {"car", "dog", "bottle"}
     logs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("loose", "packed")]

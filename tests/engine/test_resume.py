@@ -219,3 +219,44 @@ def test_restore_training_state_round_trip_and_refusals(tmp_path):
     save_checkpoint(checkpoint_payload(Config(), model, ["background", "a"], epoch=2, metrics={}), best)
     with pytest.raises(CheckpointError, match="field 'optimizer'"):
         restore_training_state(best, *make(), torch.device("cpu"), 0, geometry)
+
+
+def _stop_with(proc: subprocess.Popen, out: Path, sig: int, group: bool) -> str:
+    """Send ``sig`` once training has done two steps (to the process group: as a terminal's Ctrl-C reaches the
+    DataLoader workers too); returns the process's stderr."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if max(_train_steps(out), default=-1) >= 1:
+            (os.killpg(proc.pid, sig) if group else proc.send_signal(sig))
+            break
+        time.sleep(0.002)
+    return proc.communicate(timeout=120)[1]
+
+
+# No step- or time-based checkpoints: only the signal saves. SIGINT as a terminal sends it, to the whole process
+# group (DataLoader workers included), SIGTERM as a scheduler or torchrun sends it, to the main process.
+@pytest.mark.parametrize("sig, workers, group", [(signal.SIGINT, 1, True), (signal.SIGTERM, 0, False)])
+def test_a_signal_saves_a_resumable_checkpoint_and_the_resume_is_exact(data, references, tmp_path, sig, workers,
+                                                                       group):
+    out = tmp_path / "run"
+    cmd = _command(data, out, workers) + ["--set", "train.checkpoint_every_steps=0",
+                                          "--set", "train.checkpoint_every_minutes=0"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    err = _stop_with(proc, out, sig, group)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("stopped: interrupted at ") and f"--resume {out}" in err
+    saved = torch.load(out / "last.pt", weights_only=True)
+    assert 2 <= saved["step"] < TOTAL_STEPS
+    assert saved["progress"]["batch"] == saved["step"] - 4 * saved["epoch"]   # mid-epoch position (or 0 at an end)
+
+    done = subprocess.run([sys.executable, "-m", "multibox", "train", "--resume", str(out), "--no-progress"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = torch.load(references["cpu"] / "last.pt", weights_only=True)
+    b = torch.load(out / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == TOTAL_STEPS
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), f"{name} differs (stopped at step {saved['step']})"
+    assert _records(references["cpu"]) == _records(out)

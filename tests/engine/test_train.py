@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,14 +62,14 @@ def test_predict_writes_detections_and_images(overfit_run, tmp_path):
     assert main(["predict", "--checkpoint", str(out / "best.pt"), str(images), "--out", str(tmp_path),
                  "--no-progress"]) == 0
     detections = json.loads((tmp_path / "detections.json").read_text())
-    stems = {p.stem for p in images.iterdir()}
-    assert {d["image_id"] for d in detections} <= stems
-    assert {p.stem for p in (tmp_path / "images").iterdir()} == stems
+    names = {p.name for p in images.iterdir()}   # image_id: the path relative to the folder given
+    assert {d["image_id"] for d in detections} <= names and all(d["file"] for d in detections)
+    assert {p.name for p in (tmp_path / "images").iterdir()} == {f"{Path(name).stem}.png" for name in names}
     gt = json.loads(ann.read_text())
-    names = {c["id"]: c["name"] for c in gt["categories"]}
+    categories = {c["id"]: c["name"] for c in gt["categories"]}
     for d in detections:
         assert len(d["bbox"]) == 4 and d["bbox"][2] >= 0 and d["bbox"][3] >= 0
-        assert names[d["category_id"]] == d["category_name"]
+        assert categories[d["category_id"]] == d["category_name"]
 
 
 def test_load_predict_matches_ground_truth(overfit_run):

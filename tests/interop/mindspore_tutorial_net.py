@@ -1,7 +1,7 @@
 """The MindSpore tutorial's ``SSD300Vgg16`` (SPEC §2), built in MindSpore, for tests/interop/test_mindspore_import.py.
 
 Run with the Python of a virtual environment that has MindSpore (it needs numpy < 2, so it lives apart from the
-project's environment)::
+project's environment; the tests take ``$MULTIBOX_MINDSPORE_PYTHON``, else ``.venv-mindspore/bin/python``)::
 
     .venv-mindspore/bin/python tests/interop/mindspore_tutorial_net.py --out DIR [--seed 0]
 

@@ -38,9 +38,11 @@ def _import_weights(args: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, one_thread):
     """A randomly initialised torchvision ssd300_vgg16 (seed 0), converted by the command, and both systems' raw
-    outputs and detections on three images of different sizes (one forward pass each)."""
+    outputs and detections on three images of different sizes (one forward pass each). One thread: a random
+    network scores many overlapping boxes alike, so float32 noise (NHWC vs NCHW, the threads' summation order)
+    can change which of two near-tied boxes NMS keeps; one thread fixes that noise."""
     root = tmp_path_factory.mktemp("torchvision")
     torch.manual_seed(0)
     tv = ssd300_vgg16(weights=None, weights_backbone=None).eval()
@@ -92,22 +94,35 @@ def test_raw_head_outputs_equal(converted):
     assert _relative_error(ours["cls"], tv_raw["cls_logits"]) < 1e-4
 
 
+def _assert_same_detections(ours: dict, ref: dict, score_atol: float = 1e-5, box_atol: float = 3e-3) -> None:
+    """Every detection of ``ref`` is in ``ours``, once: same label, score and box up to float32 noise (the Detector
+    runs NHWC convolutions, another summation order than torchvision's NCHW), so scores that tie within the noise
+    may come in either order; those tied with the lowest kept score may fall either side of the per-image cap."""
+    torch.testing.assert_close(ours["scores"], ref["scores"], atol=score_atol, rtol=0)   # sorted: same values
+    used = torch.zeros(len(ours["scores"]), dtype=torch.bool)
+    cap_tie = float(ref["scores"].min()) + score_atol
+    for box, score, label in zip(ref["boxes"], ref["scores"], ref["labels"]):
+        same = (~used & (ours["labels"] == label) & ((ours["scores"] - score).abs() <= score_atol)
+                & ((ours["boxes"] - box).abs().amax(dim=1) < box_atol))
+        if same.any():
+            used[same.nonzero()[0]] = True
+        else:
+            assert score <= cap_tie, f"no detection like label {int(label)}, score {float(score)}, box {box.tolist()}"
+
+
 @pytest.mark.slow
 def test_predict_equals_torchvision_detections(converted):
     assert len(converted["ours"]) == len(converted["ref"]) == len(IMAGE_SIZES)
     for size, ref, ours in zip(IMAGE_SIZES, converted["ref"], converted["ours"]):
         assert len(ref["boxes"]) > 50, "the random model should detect plenty at score 0.01"
         assert len(ours["boxes"]) == len(ref["boxes"]) <= 200
-        assert torch.equal(ours["labels"], ref["labels"])
-        # float32 noise: the Detector runs NHWC convolutions (another summation order than torchvision's NCHW)
-        torch.testing.assert_close(ours["scores"], ref["scores"], atol=1e-5, rtol=0)
-        assert (ours["boxes"] - ref["boxes"]).abs().max() < 3e-3
+        _assert_same_detections(ours, ref)
         h, w = size
         assert (ours["boxes"][:, 0::2] <= w).all() and (ours["boxes"][:, 1::2] <= h).all()
 
 
 @pytest.mark.slow
-def test_eval_on_coco_categories_scores_torchvision_detections(converted, tmp_path):
+def test_eval_on_coco_categories_scores_torchvision_detections(converted, tmp_path, capsys):
     """``multibox eval`` of the 91-slot import on a COCO-format set with 3 of COCO's categories (ids 1, 3, 18):
     labels are matched by name, and the scored detections are torchvision's own, restricted to those ids."""
     from PIL import Image
@@ -150,9 +165,10 @@ def test_eval_on_coco_categories_scores_torchvision_detections(converted, tmp_pa
     categories.append({"id": 200, "name": "unicorn"})
     (root / "ann.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                "categories": categories}))
-    with pytest.raises(SystemExit, match="unicorn"):
-        main(["eval", "--checkpoint", str(converted["root"] / "ckpt.pt"), "--data", str(root / "ann.json"),
-              "--out", str(tmp_path / "eval2"), "--device", "cpu"])
+    assert main(["eval", "--checkpoint", str(converted["root"] / "ckpt.pt"), "--data", str(root / "ann.json"),
+                 "--out", str(tmp_path / "eval2"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unicorn" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -4,13 +4,15 @@ The end-to-end test builds the tutorial's ``SSD300Vgg16`` in real MindSpore (tes
 with the Python of a separate environment, because MindSpore needs numpy < 2), saves a checkpoint with
 ``mindspore.save_checkpoint`` and the network's outputs on a fixed input, imports the checkpoint and compares.
 That environment is found through ``MULTIBOX_MINDSPORE_PYTHON`` or at ``.venv-mindspore/bin/python`` in the
-repository root; without it the test is skipped with that reason. The protobuf reader itself is also tested on
+repository root (the ``mindspore_python`` fixture of tests/conftest.py); without it, or without mindspore in it,
+the test is skipped with that reason. The protobuf reader itself is also tested on
 bytes that MindSpore 2.10 wrote (embedded below), so CI checks it even without MindSpore.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MINDSPORE_HOW, REPO, find_mindspore_python
 import multibox
 from multibox.cli import import_weights as import_weights_command
 from multibox.interop.mindspore import (
@@ -35,7 +38,6 @@ from multibox.interop.mindspore import (
 from multibox.config import load_config
 from multibox.models import build_model
 
-REPO = Path(__file__).resolve().parents[2]
 HELPER = Path(__file__).with_name("mindspore_tutorial_net.py")
 
 # Written by MindSpore 2.10: ms.save_checkpoint([layer.weight (2, 3) float32 = arange(6)/4 - 0.5,
@@ -48,11 +50,6 @@ MS_SMALL_CRC_CKPT = (
     "CjcKDGxheWVyLndlaWdodBInCAIIAxIHRmxvYXQzMhoYAAAAvwAAgL4AAAAAAACAPgAAAD8AAEA/CiEKCmxheWVyLmhhbGYSEwgDEgdGbG9h"
     "dDE2GgYAPoDA/3sKHAoLZ2xvYmFsX3N0ZXASDRIFSW50MzIaBAcAAAAKIgoKbGF5ZXIuYmYxNhIUCAMSCEJGbG9hdDE2GgaAPwC/QEBjcmNf"
     "bnVtAAAAAAAAojJGRA==")
-
-
-def mindspore_python() -> str | None:
-    candidate = os.environ.get("MULTIBOX_MINDSPORE_PYTHON") or str(REPO / ".venv-mindspore" / "bin" / "python")
-    return candidate if Path(candidate).is_file() and os.access(candidate, os.X_OK) else None
 
 
 def _import_weights(args: list[str]) -> int:
@@ -69,14 +66,10 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------- real MindSpore
 
 @pytest.fixture(scope="module")
-def tutorial_run(tmp_path_factory):
-    python = mindspore_python()
-    if python is None:
-        pytest.skip("no MindSpore environment: set MULTIBOX_MINDSPORE_PYTHON to a Python with mindspore==2.10.0 and "
-                    "numpy<2, or create .venv-mindspore in the repository root (see .ci/run)")
+def tutorial_run(tmp_path_factory, mindspore_python):
     out = tmp_path_factory.mktemp("mindspore")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    done = subprocess.run([python, str(HELPER), "--out", str(out), "--seed", "0"], cwd=out, env=env,
+    done = subprocess.run([mindspore_python, str(HELPER), "--out", str(out), "--seed", "0"], cwd=out, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
@@ -218,6 +211,19 @@ def test_import_fails_loudly_on_missing_and_leftover_entries(seed_as_mindspore, 
     write_mindspore_ckpt(tmp_path / "wrong.ckpt", wrong)
     with pytest.raises(WeightMappingError, match=r"shapes differ: b7_1\.weight \(1024, 1024, 3, 3\)"):
         import_mindspore_ckpt(tmp_path / "wrong.ckpt")
+
+
+def test_mindspore_environment_is_configurable_and_checked(tmp_path):
+    """MULTIBOX_MINDSPORE_PYTHON names the environment; one that is missing, or cannot import mindspore (this
+    project's own Python, whose numpy is 2), is no environment, and the skip reason says which and how to fix it."""
+    python, why_not = find_mindspore_python(str(tmp_path / "no-such-python"))
+    assert python is None and f"MULTIBOX_MINDSPORE_PYTHON={tmp_path / 'no-such-python'} is not an executable" in why_not
+    assert "MULTIBOX_MINDSPORE_PYTHON to a Python with mindspore" in why_not and ".ci/run" in why_not
+    if importlib.util.find_spec("mindspore") is None:
+        python, why_not = find_mindspore_python(sys.executable)
+        assert python is None and why_not.endswith(MINDSPORE_HOW) and "cannot import mindspore" in why_not
+    default, _ = find_mindspore_python(None)
+    assert default in (None, str(REPO / ".venv-mindspore" / "bin" / "python"))
 
 
 def test_helper_script_is_valid_python():

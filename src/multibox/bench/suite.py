@@ -20,10 +20,14 @@ Every line reports multibox's number, the reference's, and their ratio (> 1 mean
 ``--arch tiny`` swaps the VGG16 trunk of *both* systems for multibox's tiny backbone (torchvision's ``SSD`` class
 around it): a smoke test of every line in seconds, whose ratios then compare everything but the convolutions.
 ``--profile`` adds torch.profiler's top operators of multibox's training step and inference.
+
+Each row is logged (logger ``multibox.bench.suite``, :func:`format_line`) the moment it is measured. On the CPU the
+bench runs on one thread unless told otherwise (``threads``), as README's speed table; the title states the count.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import statistics
 import tempfile
@@ -47,6 +51,8 @@ NUM_CLASSES = 90   # torchvision's COCO head: 91 channels with background
 INFER_HW = (480, 640)   # a typical COCO photo: inference includes resizing it
 REFERENCE_MEAN = (123.0, 117.0, 104.0)   # torchvision's references/detection "ssd" recipe (zoom-out fill)
 TINY = ["model.arch=tiny", "model.widths=[16, 32, 64, 128, 128, 128, 128, 128]", "model.init=kaiming"]
+
+logger = logging.getLogger(__name__)
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -518,14 +524,27 @@ def row(name: str, ours: float, theirs: float, unit: str, lower_is_better: bool 
             "ratio": round(ratio, 2), **extra}
 
 
+def _label(r: dict) -> str:
+    return r["name"] + (f" [{r['precision']}]" if "precision" in r else "")
+
+
+def _notes(r: dict) -> str:
+    return f"latency {r['latency_ms']:.1f} ms vs {r['reference_latency_ms']:.1f} ms" if "latency_ms" in r else ""
+
+
 def format_table(rows: list[dict], title: str) -> str:
     lines = [title, f"{'benchmark':48s} {'multibox':>10s} {'reference':>10s} {'unit':>6s} {'ratio':>7s}  notes"]
     for r in rows:
-        name = r["name"] + (f" [{r['precision']}]" if "precision" in r else "")
-        notes = f"latency {r['latency_ms']:.1f} ms vs {r['reference_latency_ms']:.1f} ms" if "latency_ms" in r else ""
-        lines.append(f"{name:48s} {r['multibox']:10.3f} {r['reference']:10.3f} {r['unit']:>6s} {r['ratio']:6.2f}x  "
-                     + notes)
+        lines.append(f"{_label(r):48s} {r['multibox']:10.3f} {r['reference']:10.3f} {r['unit']:>6s} "
+                     f"{r['ratio']:6.2f}x  " + _notes(r))
     return "\n".join(lines)
+
+
+def format_line(r: dict) -> str:
+    """One row as the log line that ``multibox bench`` shows the moment the row is measured."""
+    notes = _notes(r)
+    return (f"{_label(r)}: multibox {r['multibox']:.4g} {r['unit']}, reference {r['reference']:.4g} {r['unit']}, "
+            f"ratio {r['ratio']:.2f}x" + (f" ({notes})" if notes else ""))
 
 
 @dataclass
@@ -551,7 +570,7 @@ class BenchOptions:
     data_images: int = 200
     compile: bool = False
     profile: bool = False
-    threads: int = 0
+    threads: int | None = None             # cpu 1 (README's table), cuda 0; 0: torch's default
     only: str | None = None                # default: every line of LINES
     workdir: str | None = None
 
@@ -576,59 +595,73 @@ class BenchOptions:
             workers=self.workers if self.workers is not None else
             (max(1, min(12, (os.cpu_count() or 1) - 2)) if cuda else 0),
             pipelines=self.pipelines or (["cpu", "batched"] if cuda else ["cpu"]),
-            e2e_images=self.e2e_images or (512 if cuda else max(8, 2 * train_batch)))
+            e2e_images=self.e2e_images or (512 if cuda else max(8, 2 * train_batch)),
+            threads=self.threads if self.threads is not None else (0 if cuda else 1))
 
 
 def run(options: BenchOptions) -> list[dict]:
-    """The rows of every line that ``options`` asks for."""
+    """The rows of every line that ``options`` asks for, each logged (:func:`format_line`) as soon as it is
+    measured."""
     o = options.resolved()
     device = torch.device(o.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed shapes, both systems alike
     rows: list[dict] = []
+
+    def measured(*new: dict, **extra) -> None:
+        for r in new:
+            rows.append({**r, **extra})
+            logger.info(format_line(rows[-1]))
+
     only = set(o.only.split(",")) if o.only else set(LINES)
     for precision in o.precision.split(","):
         amp = PRECISIONS[precision]
         if "train_step" in only:
-            rows.append({**bench_train_step(o.preset, device, o.train_batch, amp, o.iters, o.arch, o.compile,
-                                            o.warmup), "precision": precision})
+            measured(bench_train_step(o.preset, device, o.train_batch, amp, o.iters, o.arch, o.compile, o.warmup),
+                     precision=precision)
         if "train_e2e" in only:
-            rows += [{**r, "precision": precision} for r in bench_train_e2e(
-                o.preset, device, o.train_batch, amp, o.iters, o.workers, o.pipelines, o.e2e_images, o.arch,
-                o.warmup, o.workdir)]
+            measured(*bench_train_e2e(o.preset, device, o.train_batch, amp, o.iters, o.workers, o.pipelines,
+                                      o.e2e_images, o.arch, o.warmup, o.workdir), precision=precision)
         if "infer_e2e" in only:
             for batch in o.infer_batches:
                 for budget in (None, o.budget):
-                    rows.append({**bench_infer(o.preset, device, batch, amp, o.iters, budget, o.arch, o.compile,
-                                               o.warmup), "precision": precision})
+                    measured(bench_infer(o.preset, device, batch, amp, o.iters, budget, o.arch, o.compile,
+                                         o.warmup), precision=precision)
     if "augment" in only:
-        rows += bench_augment(o.preset, o.augment_images, device, max(1, o.iters))
+        measured(*bench_augment(o.preset, o.augment_images, device, max(1, o.iters)))
     if "eval" in only:
-        rows.append(bench_eval(o.eval_images, o.eval_dets))
+        measured(bench_eval(o.eval_images, o.eval_dets))
     if "data" in only:
-        rows.append(bench_data_row(o.data_images, o.workdir))
+        measured(bench_data_row(o.data_images, o.workdir))
     return rows
 
 
 def bench_report(options: BenchOptions) -> dict:
-    """Run the bench: ``device``, ``title`` (for :func:`format_table`), ``torch`` and ``torchvision`` versions,
-    ``args`` (the resolved options), ``rows`` and, with ``options.profile``, ``profile`` (operator tables by part).
+    """Run the bench: ``device``, ``threads`` (torch's CPU threads during the run), ``title`` (for
+    :func:`format_table`, naming both), ``torch`` and ``torchvision`` versions, ``args`` (the resolved options),
+    ``rows`` and, with ``options.profile``, ``profile`` (operator tables by part).
 
-    ``options.threads`` sets torch's CPU threads for the rest of the process."""
+    ``options.threads`` sets torch's CPU threads for the run; the process's setting is restored afterwards."""
     import torchvision
 
     options = options.resolved()
+    device = torch.device(options.device)
+    before = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
-    rows = run(options)
-    device = torch.device(options.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    title = f"multibox bench on {name} (torch {torch.__version__}, torchvision {torchvision.__version__}, " \
-            f"arch {options.arch})"
-    report = {"device": name, "title": title, "torch": torch.__version__, "torchvision": torchvision.__version__,
-              "args": asdict(options), "rows": rows}
-    if options.profile:
-        amp = PRECISIONS[options.precision.split(",")[0]]   # the first precision benchmarked
-        report["profile"] = profile_ours(options.preset, device, options.train_batch, amp, options.arch,
-                                         options.infer_batches[-1])
+    try:
+        threads = torch.get_num_threads()
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        title = f"multibox bench on {name}, {threads} thread{'' if threads == 1 else 's'} (torch " \
+                f"{torch.__version__}, torchvision {torchvision.__version__}, arch {options.arch})"
+        only = options.only.split(",") if options.only else LINES
+        logger.info("%s: measuring %s", title, ", ".join(line for line in LINES if line in only))
+        report = {"device": name, "threads": threads, "title": title, "torch": torch.__version__,
+                  "torchvision": torchvision.__version__, "args": asdict(options), "rows": run(options)}
+        if options.profile:
+            amp = PRECISIONS[options.precision.split(",")[0]]   # the first precision benchmarked
+            report["profile"] = profile_ours(options.preset, device, options.train_batch, amp, options.arch,
+                                             options.infer_batches[-1])
+    finally:
+        torch.set_num_threads(before)
     return report

@@ -95,7 +95,8 @@ def configure_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``multibox`` command; returns its exit status. A :class:`~multibox.errors.MultiboxError` or a missing
-    file becomes one ``error: <message>`` line on stderr and status 2."""
+    file becomes one ``error: <message>`` line on stderr and status 2, Ctrl-C status 130 (see README, "Exit
+    status")."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_requested_command(argv)).parse_args(argv)
     configure_logging()
@@ -105,4 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         # Expected failures on bad input get one clear line, not a traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C outside a training loop (which saves and stops by itself)
+        print("interrupted", file=sys.stderr)
+        return 130
 

@@ -1,5 +1,5 @@
 """``multibox check-data SRC``: every problem of a dataset (see :mod:`multibox.data.validate`); exit status 1 when
-one is an error."""
+one is an error (training would drop or refuse data), 0 when there are none or only warnings."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 from multibox.cli import command_help
+from multibox.cli.common import EXIT_OK
 from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
+
+EXIT_PROBLEMS = 1   # check-data's own status: the check ran and found an error (not EXIT_ERROR: it did not fail)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,4 +42,4 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=1))
         print(f"wrote {args.json}")
-    return 1 if report.num_errors else 0
+    return EXIT_PROBLEMS if report.num_errors else EXIT_OK

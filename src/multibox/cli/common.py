@@ -5,6 +5,11 @@ import argparse
 
 from multibox.config import PRECISION_NAMES
 
+# Exit statuses of every command (README, "Exit status"): 0 = all done; 2 = an error stopped the command (one
+# ``error:`` line); 3 = the command finished but skipped inputs it could not read (each named in a warning, counted
+# in its summary).
+EXIT_OK, EXIT_ERROR, EXIT_SKIPPED = 0, 2, 3
+
 
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """``--precision`` and ``--compile`` for the commands that run a trained network (eval, predict)."""

@@ -1,7 +1,14 @@
-"""``multibox eval``: COCO evaluation of a checkpoint, with eval.json and the HTML report."""
+"""``multibox eval``: COCO evaluation of a checkpoint, with eval.json and the HTML report.
+
+Beside the checkpoint: ``eval.json`` and the report for its own evaluation split, ``eval-<data>.json`` and the
+folder ``eval-<data>/`` for other data (:func:`multibox.evaluation.provenance.eval_destination`); ``--out DIR``:
+``DIR/eval.json`` and the report in ``DIR``. An eval JSON that holds another checkpoint's or other data's
+evaluation is never replaced; each records what it evaluated (checkpoint path and sha256, data, thresholds,
+evaluator)."""
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 from multibox.cli import command_help
@@ -10,50 +17,79 @@ from multibox.cli.common import add_inference_arguments
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help=command_help("eval"))
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="the multibox checkpoint (.pt) to evaluate")
     p.add_argument("--data", help="COCO annotation JSON, VOC folder or shards (default: the checkpoint's evaluation "
                                   "split)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the checkpoint's config (data.voc_split=test, eval.score_threshold=0.01)")
-    p.add_argument("--out", help="folder for eval.json (default: the checkpoint's folder)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="folder for eval.json and the report (default: the checkpoint's folder: eval.json "
+                                 "for its own evaluation split, eval-<data>.json and eval-<data>/ for other data)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_inference_arguments(p)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from multibox.checkpoint import load_checkpoint
+def _configs(args: argparse.Namespace, raw: dict):
+    """(the evaluation's config, the checkpoint's own): ``--set`` and ``--data`` apply to the first only."""
     from multibox.config import Config, set_override
-    from multibox.data.build import build_splits
-    from multibox.evaluation.coco import format_per_class_table, write_eval_json
-    from multibox.evaluation.evaluate import category_map_by_name, evaluate_model
-    from multibox.evaluation.report import write_eval_report
-    from multibox.models import model_from_state_dict
-    from multibox.runtime import apply_inference_arguments, prepare_for_inference, resolve_device
+    from multibox.runtime import apply_inference_arguments
 
-    payload = load_checkpoint(args.checkpoint)
-    raw = payload["config"]
+    own = Config.from_dict(copy.deepcopy(raw))
     for assignment in args.set:   # e.g. data.voc_split=test, eval.score_threshold=0.01
         set_override(raw, assignment)
     cfg = apply_inference_arguments(Config.from_dict(raw), args.precision, args.compile)
     if args.data:   # evaluate every image of another COCO-format set
         cfg.data.path, cfg.data.val_path = args.data, args.data
+    return cfg, own
+
+
+def _destination(args: argparse.Namespace, cfg, own, splits, checkpoint: dict) -> tuple[Path, Path]:
+    """(eval JSON, report folder), checked not to hold another evaluation (InputError) before any is run."""
+    from multibox.evaluation.provenance import (check_replaceable, data_record, eval_destination,
+                                                evaluation_data_key)
+
+    record = data_record(cfg, splits)
+    if args.out:
+        json_path, report_dir = Path(args.out) / "eval.json", Path(args.out)
+    else:
+        own_split = evaluation_data_key(cfg) == evaluation_data_key(own)
+        json_path, report_dir = eval_destination(Path(args.checkpoint).parent, args.checkpoint, own_split, record)
+    check_replaceable(json_path, {"checkpoint": checkpoint, "data": record})
+    return json_path, report_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    from multibox.checkpoint import load_checkpoint
+    from multibox.data.build import build_splits
+    from multibox.errors import InputError
+    from multibox.evaluation.coco import format_per_class_table, write_eval_json
+    from multibox.evaluation.evaluate import category_map_by_name, evaluate_model
+    from multibox.evaluation.provenance import checkpoint_record, eval_provenance
+    from multibox.evaluation.report import write_eval_report
+    from multibox.models import model_from_state_dict
+    from multibox.runtime import prepare_for_inference, resolve_device
+
+    payload = load_checkpoint(args.checkpoint)
+    cfg, own = _configs(args, payload["config"])
     splits = build_splits(cfg)
     try:   # by class name: a checkpoint with more classes (torchvision's 91 COCO slots) evaluates on the data's
         category_map = category_map_by_name(payload["class_names"], splits)
     except ValueError as err:
-        raise SystemExit(f"error: {err}")
+        raise InputError(str(err)) from None
+    checkpoint = checkpoint_record(args.checkpoint, payload.get("epoch"))
+    json_path, report_dir = _destination(args, cfg, own, splits, checkpoint)
     device = resolve_device(args.device)
     model = model_from_state_dict(cfg, payload["model"])
-    result, detections = evaluate_model(cfg, prepare_for_inference(model, cfg, device), splits, device, progress=True,
-                                        return_detections=True, label_to_category_id=category_map)
+    result, detections = evaluate_model(cfg, prepare_for_inference(model, cfg, device), splits, device,
+                                        progress=not args.no_progress, return_detections=True,
+                                        label_to_category_id=category_map)
     print(result.summary)
     print(format_per_class_table(result.per_class))
-    out = Path(args.out or Path(args.checkpoint).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    write_eval_json(out / "eval.json", result, extra={"checkpoint": str(args.checkpoint)})
-    files = write_eval_report(out, result, splits.val_gt, detections, splits.class_names,
+    provenance = eval_provenance(cfg, splits, result, checkpoint)
+    write_eval_json(json_path, result, extra=provenance)
+    files = write_eval_report(report_dir, result, splits.val_gt, detections, splits.class_names,
                               metrics_jsonl=Path(args.checkpoint).parent / "metrics.jsonl",
-                              images=splits.val, image_ids=splits.val_image_ids)
-    print(f"wrote {out / 'eval.json'} and the report {files['index']}")
+                              images=splits.val, image_ids=splits.val_image_ids, provenance=provenance)
+    print(f"wrote {json_path} and the report {files['index']}")
     return 0

@@ -13,8 +13,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Export a checkpoint to ONNX. Input: (N, 3, S, S) RGB images already resized to S x S, "
                     "uint8 or float32 in 0..255; outputs: boxes (N, K, 4) xyxy in [0, 1], scores (N, K), "
                     "labels (N, K), num_detections (N,).")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--checkpoint", required=True, help="the multibox checkpoint (.pt) to export")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default: %(default)s)")
     p.add_argument("--out", required=True, help="output file (.onnx)")
     p.add_argument("--no-postprocess", action="store_true",
                    help="raw outputs (loc, cls_logits, anchors_cxcywh) instead of decoded, suppressed detections")
@@ -22,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"detections per image K (default: eval.max_per_image, else {DEFAULT_MAX_DETECTIONS})")
     p.add_argument("--input-dtype", choices=sorted(INPUT_DTYPE_NAMES),
                    help="graph input dtype (default: uint8, or float32 for data.resize = torchvision presets)")
-    p.add_argument("--opset", type=int, default=OPSET)
+    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version (default: %(default)s)")
     return p
 
 

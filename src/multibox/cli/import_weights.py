@@ -12,7 +12,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="torchvision: a torch.save(model.state_dict()) file of torchvision's ssd300_vgg16 becomes an "
                     "ssd300-vgg16 checkpoint. mindspore: a mindspore.save_checkpoint file of the MindSpore "
                     "tutorial's SSD300Vgg16 becomes an ssd300-vgg16-seed checkpoint (MindSpore is not needed).")
-    p.add_argument("--from", dest="source", required=True, choices=("torchvision", "mindspore"))
+    p.add_argument("--from", dest="source", required=True, choices=("torchvision", "mindspore"),
+                   help="the framework that wrote the weights file")
     p.add_argument("file", help="the weights file to convert")
     p.add_argument("--out", required=True, help="checkpoint to write")
     p.add_argument("--ignore-training-state", action="store_true",

@@ -4,30 +4,42 @@ from __future__ import annotations
 import argparse
 
 from multibox.cli import command_help
-from multibox.cli.common import add_inference_arguments
+from multibox.cli.common import EXIT_OK, EXIT_SKIPPED, add_inference_arguments
+
+# multibox.inference.predict.DISPLAY_SCORE, written out: importing it would load torch for --help
+# (tests/inference/test_predict_robust.py checks that the two agree).
+DISPLAY_SCORE_TEXT = "0.3"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "predict", help=command_help("predict"),
         description="Detect objects in images, folders and videos with a checkpoint (PyTorch) or an exported ONNX "
-                    "model (onnxruntime). Writes OUT/detections.json (COCO results; image_id = file stem, or the "
-                    "frame index plus 'video' for video frames), OUT/images/*.png and OUT/videos/*.mp4.")
+                    "model (onnxruntime). Inputs are named by their path relative to the deepest folder holding "
+                    "them all. Writes OUT/detections.json (COCO results; image_id = the image's relative path, "
+                    "e.g. 'a/img.jpg', or '<relative video path>#<frame>' for a video frame, which adds 'video', "
+                    "'frame' and 'time'; 'file' = the input as found), OUT/images/<relative path>.png and "
+                    "OUT/videos/<relative path>.mp4. Inputs that cannot be read are skipped, each named in a "
+                    "warning; the exit status is then 3.")
     p.add_argument("--checkpoint", required=True, help="a multibox checkpoint (.pt) or an exported model (.onnx)")
     p.add_argument("inputs", nargs="+", help="image files, video files or folders (searched recursively)")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
-                   help="auto: onnxruntime for a .onnx file, else torch")
-    p.add_argument("--score", type=float, help="score threshold (default: the model's eval.score_threshold)")
+                   help="auto: onnxruntime for an exported ONNX model, else torch")
+    p.add_argument("--score", type=float,
+                   help=f"score threshold of the boxes drawn and listed (default: {DISPLAY_SCORE_TEXT}, or the "
+                        f"model's eval.score_threshold where higher; `multibox eval` keeps the model's own, lower "
+                        f"threshold, which mAP needs)")
     p.add_argument("--classes", action="append", metavar="CLASS[,CLASS...]",
                    help="keep only these classes: names or label ids 1..C, comma-separated; repeatable")
     p.add_argument("--max-det", type=int, help="at most this many detections per image")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto", help="torch backend: auto | cpu | cuda[:i]")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda[:i] (onnxruntime backend: auto = cpu; cuda needs onnxruntime-gpu)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
     add_inference_arguments(p)
     p.add_argument("--no-draw", action="store_true", help="write detections.json only")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -39,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
                           max_det=args.max_det, batch_size=args.batch_size, progress=not args.no_progress,
                           draw=not args.no_draw)
     parts = [f"{summary['images']} images"]
-    if summary["videos"]:
+    if summary["videos"] or summary["frames"]:
         parts.append(f"{summary['frames']} frames of {summary['videos']} videos")
-    print(f"{', '.join(parts)}, {summary['detections']} detections "
+    skipped = len(summary["skipped"])
+    print(f"{', '.join(parts)}, {summary['detections']} detections, {skipped} skipped "
           f"({summary['images_per_second']:.1f} images/s) -> {args.out}")
-    return 0
+    return EXIT_SKIPPED if skipped else EXIT_OK

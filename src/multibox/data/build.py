@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from multibox.config import Config
 from multibox.data.coco import CocoDetection, DetectionDataset, collate_detection
+from multibox.data.policy import MAX_EXAMPLES
 from multibox.data.transforms import build_eval_transform, build_train_transform
+from multibox.errors import InputError
 
 log = logging.getLogger("multibox.data")
 
@@ -83,7 +86,8 @@ class DataSplits:
     val_gt: Any                            # COCO dict (or JSON path) of the evaluation set's ground truth
     val_image_ids: list[int]
     val_source_kind: str = "coco"          # "voc": VOC07 / VOC area mAP apply (multibox.evaluation.voc.evaluate_voc)
-    load_report: dict[str, dict[str, int]] = field(default_factory=dict)   # {"train": counts, "val": counts}
+    # {"train": counts} of the training source, plus "val" when evaluation reads another source
+    load_report: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def source_kind(path: str) -> str:
@@ -160,20 +164,14 @@ def train_sample_transform(cfg: Config) -> Callable:
 
 
 def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSplits:
+    """The training and evaluation sets of ``cfg.data``, refused (:class:`~multibox.errors.InputError`, one line)
+    when either has no usable image; what loading dropped or will change is logged once per source file."""
     train_src, val_src = resolve_sources(cfg)
     train_full = open_dataset(train_src, cfg)
     if train_transform is None:
         train_transform = train_sample_transform(cfg)
     eval_transform = build_eval_transform(cfg)
-    val_full: DetectionDataset | None = None
-    if val_src is not None:
-        val_full = train_full if val_src == train_src else open_dataset(val_src, cfg)
-    elif source_kind(train_src) == "voc" and _voc_val_split_exists(train_src, cfg.data.val_split) \
-            and cfg.data.val_split != cfg.data.voc_split:
-        from multibox.data.voc import VOCDetection
-        val_full = VOCDetection(train_src, split=cfg.data.val_split, class_names=train_full.class_names[1:],
-                                keep_difficult=cfg.data.keep_difficult, keep_empty=True)
-        val_full.max_image_pixels = int(cfg.data.max_image_pixels)
+    val_full = _open_eval_source(cfg, train_src, val_src, train_full)
     if val_full is not None:
         if val_full.class_names != train_full.class_names:
             raise ValueError(f"{val_src}: categories {val_full.class_names[1:]} differ from {train_src}'s "
@@ -182,12 +180,7 @@ def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSp
     else:
         val_full = train_full
         train_idx, val_idx = held_out_split(len(train_full), cfg.data.val_fraction, cfg.train.seed)
-    report = {"train": dict(train_full.load_report), "val": dict(val_full.load_report)}
-    # A held-out split is part of the training source: its counts are the same ones, logged once.
-    for name, counts in report.items() if val_full is not train_full else [("train", report["train"])]:
-        nonzero = {k: v for k, v in sorted(counts.items()) if v}
-        if nonzero:
-            log.info("%s data policy: %s", name, ", ".join(f"{k}={v}" for k, v in nonzero.items()))
+    _require_images(cfg, train_full, train_idx, val_full, val_idx)
     return DataSplits(
         train=TransformedSubset(train_full, train_idx, train_transform),
         val=TransformedSubset(val_full, val_idx, eval_transform),
@@ -196,8 +189,77 @@ def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSp
         val_gt=val_full.coco_gt(),
         val_image_ids=[val_full.image_ids[i] for i in val_idx],
         val_source_kind=val_full.source_kind,
-        load_report=report,
+        load_report=_log_load_reports(train_full, val_full),
     )
+
+
+def _open_eval_source(cfg: Config, train_src: str, val_src: str | None, train_full: DetectionDataset
+                      ) -> DetectionDataset | None:
+    """The evaluation dataset when it is not a held-out part of the training source (None then)."""
+    if val_src is not None:
+        return train_full if val_src == train_src else open_dataset(val_src, cfg)
+    if source_kind(train_src) == "voc" and _voc_val_split_exists(train_src, cfg.data.val_split) \
+            and cfg.data.val_split != cfg.data.voc_split:
+        from multibox.data.voc import VOCDetection
+        val_full = VOCDetection(train_src, split=cfg.data.val_split, class_names=train_full.class_names[1:],
+                                keep_difficult=cfg.data.keep_difficult, keep_empty=True)
+        val_full.max_image_pixels = int(cfg.data.max_image_pixels)
+        return val_full
+    return None
+
+
+def _log_load_reports(train_full: DetectionDataset, val_full: DetectionDataset) -> dict[str, dict[str, int]]:
+    """One ``data policy (SOURCE): ...`` line per source file; returns the counts, ``{"train": {...}}`` plus
+    ``"val"`` when evaluation reads another source (a held-out split is counted with its source, once)."""
+    sources = {"train": train_full} if val_full is train_full else {"train": train_full, "val": val_full}
+    for dataset in sources.values():
+        phrases = dataset.load_report.describe()
+        if phrases:
+            log.info("data policy (%s): %s", dataset.source_name, ", ".join(phrases))
+    return {name: {k: int(v) for k, v in sorted(ds.load_report.items()) if v} for name, ds in sources.items()}
+
+
+def _require_images(cfg: Config, train_full: DetectionDataset, train_idx: list[int], val_full: DetectionDataset,
+                    val_idx: list[int]) -> None:
+    """Refuse a split without images, or whose every image file is missing (one line: how many, a few names, where
+    they were looked for); a source missing only some gets one summary warning and no line per image."""
+    for role, dataset, indices in (("training", train_full, train_idx), ("evaluation", val_full, val_idx)):
+        if not indices:
+            raise InputError(f"{dataset.source_name}: no images for {role}: {_why_empty(cfg, dataset, role)}")
+    missing = {id(d): set(d.missing_images(range(len(d)))) for d in (train_full, val_full)}
+    for role, dataset, indices in (("training", train_full, train_idx), ("evaluation", val_full, val_idx)):
+        gone = missing[id(dataset)]
+        if gone.issuperset(indices):
+            raise InputError(f"{dataset.source_name}: none of the {len(indices)} {role} images was found "
+                             f"({_examples(dataset, sorted(indices))}; looked under {dataset.image_locations()})"
+                             + ("; point data.image_root at the folder that holds them (--set data.image_root=DIR)"
+                                if isinstance(dataset, CocoDetection) else ""))
+    for dataset in {id(d): d for d in (train_full, val_full)}.values():
+        gone = sorted(missing[id(dataset)])
+        if gone:
+            log.warning("%s: %d of its %d images not found (%s; looked under %s): skipped in training and "
+                        "evaluation; `multibox check-data %s` lists every problem", dataset.source_name, len(gone),
+                        len(dataset), _examples(dataset, gone), dataset.image_locations(), dataset.source_name)
+            dataset.mark_reported(gone)
+
+
+def _why_empty(cfg: Config, dataset: DetectionDataset, role: str) -> str:
+    if len(dataset) and role == "training":   # a held-out split took every image
+        return (f"all {len(dataset)} of its images went to the held-out evaluation split (data.val_fraction = "
+                f"{cfg.data.val_fraction:g}, at least one image); add images, lower data.val_fraction or give a "
+                "separate evaluation set (--val-data)")
+    report = dataset.load_report
+    if report.get("empty_images_dropped"):
+        return f"all {report['empty_images_dropped']} of its images have no usable box and data.keep_empty is false"
+    if report.get("skipped_at_conversion"):
+        return (f"all {report['skipped_at_conversion']} of its images were unreadable when it was converted "
+                "(its manifest.json lists them)")
+    return "the source lists none"
+
+
+def _examples(dataset: DetectionDataset, indices: list[int]) -> str:
+    names = [repr(dataset.records[i].file_name) for i in indices[:MAX_EXAMPLES]]
+    return "e.g. " + ", ".join(names) + (", ..." if len(indices) > len(names) else "")
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -243,7 +305,11 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples // self.world_size - self.start
 
 
-def _seed_worker(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
+    """A loader worker: Python's RNG seeded from torch's per-worker seed; SIGINT ignored, because a terminal's
+    Ctrl-C reaches the whole process group and the training process, which saves and stops on it
+    (:mod:`multibox.engine.interrupt`), still needs its workers until the batch in progress is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
 
@@ -255,4 +321,4 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=collate_fn or collate_detection, drop_last=drop_last,
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      worker_init_fn=_seed_worker, generator=generator)
+                      worker_init_fn=_init_worker, generator=generator)

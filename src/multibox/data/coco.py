@@ -17,7 +17,8 @@ Training-time data policy (what happens to imperfect data; ``multibox check-data
 * boxes: ``[left, top, w, h]`` -> xyxy; crowd (``iscrowd=1``) / VOC ``difficult`` boxes are left out of the
   training targets (evaluation ignores them the COCO way); boxes with a NaN/inf coordinate are dropped when the
   annotations are loaded; the rest are clipped to the decoded image and dropped if empty after clipping
-  (zero-size, negative-size or fully outside);
+  (zero-size, negative-size or fully outside): the rule is :func:`multibox.data.policy.classify_boxes`, which
+  ``check-data`` applies too;
 * annotations naming an unknown category or image are dropped when loaded; duplicate image ids keep the first
   image; duplicate annotation ids are renumbered;
 * an image that cannot be read (missing, empty, truncated, not an image, or whose header declares more than
@@ -31,7 +32,8 @@ annotation whose ``bbox`` is not 4 numbers, ...) raises :class:`CocoFormatError`
 the item (``annotations[12].bbox: expected 4 numbers, got "abc"``). Values that are well-formed but wrong
 (NaN / inf coordinates, unknown ids, duplicates) follow the policy above.
 
-The counts of what was dropped when loading are in ``dataset.load_report``.
+The counts of what was dropped when loading are in ``dataset.load_report``, with a few example ids of each kind
+(:class:`multibox.data.policy.LoadReport`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from torch.utils.data import Dataset
 
 from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
 from multibox.core.boxes import ltwh_to_xyxy
+from multibox.data.policy import LoadReport, has_training_box, policy_report, trained_boxes
 from multibox.errors import MultiboxError
 
 try:  # torchvision's decoders are deprecated since 0.29 (TorchCodec); PIL is the fallback
@@ -74,6 +77,7 @@ __all__ = [
     "coco_structure_errors",
     "decode_image_rgb",
     "parse_coco_json",
+    "pil_to_uint8_chw",
     "read_image_rgb",
     "training_target",
 ]
@@ -115,15 +119,23 @@ def _to_uint8(image: torch.Tensor) -> torch.Tensor:
 def _decode_with_pil(data: bytes) -> torch.Tensor:
     import io
 
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = _to_uint8(torch.from_numpy(np.asarray(im).astype(np.int64 if im.mode != "F" else np.float32)))
-            return arr.unsqueeze(0).expand(3, -1, -1).contiguous()
-        arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        return pil_to_uint8_chw(im)
+
+
+def pil_to_uint8_chw(image) -> torch.Tensor:
+    """A PIL image in any mode -> uint8 (3, H, W) RGB, as files are decoded: EXIF orientation applied; 16-bit and
+    float samples scaled to 8 bit and repeated over three channels; every other mode converted by PIL (alpha
+    dropped)."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        wide = _to_uint8(torch.from_numpy(np.asarray(image).astype(np.int64 if image.mode != "F" else np.float32)))
+        return wide.unsqueeze(0).expand(3, -1, -1).contiguous()
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
 def probe_image_header(data: bytes | bytearray | memoryview, name: str = "<bytes>",
@@ -235,39 +247,17 @@ class ImageRecord:
 
 def training_target(record: ImageRecord, category_id_to_label: dict[int, int], width: int, height: int,
                     keep_crowd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy for boxes: ltwh -> xyxy, crowd left out, clip to (width, height), drop empty boxes.
+    """The policy for boxes: ltwh -> xyxy, crowd left out, the boxes :func:`~multibox.data.policy.classify_boxes`
+    drops at (width, height) dropped, the rest clipped to the image.
 
     Returns ``boxes`` float32 (k, 4) xyxy pixels and ``labels`` int64 (k,).
     """
-    keep = np.ones(record.num_boxes, bool) if keep_crowd else ~record.crowd
-    ltwh = record.bbox_ltwh[keep]
-    xyxy = ltwh_to_xyxy(ltwh)  # numpy float64, as COCO's own maths
+    keep = trained_boxes(record, width, height, keep_crowd)
+    xyxy = ltwh_to_xyxy(record.bbox_ltwh[keep])  # numpy float64, as COCO's own maths
     xyxy[:, 0::2] = xyxy[:, 0::2].clip(0.0, float(width))
     xyxy[:, 1::2] = xyxy[:, 1::2].clip(0.0, float(height))
-    valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])  # also False for NaN
-    labels = np.asarray([category_id_to_label[int(c)] for c in record.category_ids[keep][valid]], np.int64)
-    return torch.from_numpy(xyxy[valid].astype(np.float32)).reshape(-1, 4), torch.from_numpy(labels)
-
-
-def policy_counts(records: Iterable[ImageRecord]) -> Counter:
-    """What the box policy will do, judged against the annotated image sizes (decoded sizes rule in training)."""
-    counts: Counter = Counter()
-    for r in records:
-        if r.num_boxes == 0:
-            counts["images_without_boxes"] += 1
-            continue
-        counts["crowd_boxes_ignored"] += int(r.crowd.sum())
-        ltwh = r.bbox_ltwh[~r.crowd]
-        degenerate = ~((ltwh[:, 2] > 0) & (ltwh[:, 3] > 0))
-        counts["degenerate_boxes_dropped"] += int(degenerate.sum())
-        if r.width > 0 and r.height > 0 and len(ltwh):
-            x1, y1 = ltwh[:, 0], ltwh[:, 1]
-            x2, y2 = x1 + ltwh[:, 2], y1 + ltwh[:, 3]
-            outside = (x2 <= 0) | (y2 <= 0) | (x1 >= r.width) | (y1 >= r.height)
-            partial = ~outside & ((x1 < 0) | (y1 < 0) | (x2 > r.width) | (y2 > r.height))
-            counts["outside_boxes_dropped"] += int((outside & ~degenerate).sum())
-            counts["boxes_clipped"] += int((partial & ~degenerate).sum())
-    return counts
+    labels = np.asarray([category_id_to_label[int(c)] for c in record.category_ids[keep]], np.int64)
+    return torch.from_numpy(xyxy.astype(np.float32)).reshape(-1, 4), torch.from_numpy(labels)
 
 
 # --------------------------------------------------------------------------- base dataset
@@ -283,16 +273,22 @@ class DetectionDataset(Dataset):
         categories: the source's categories as COCO dicts (``id``, ``name``, ...), label order.
         label_to_category_id: contiguous label (1..C) -> category id; ``category_id_to_label`` the inverse.
         image_ids: image ids in dataset order.
-        load_report: counts of what loading dropped or will change (see the module docstring).
+        load_report: a :class:`~multibox.data.policy.LoadReport`: counts of what loading dropped or will change
+            (see the module docstring), with example ids.
         source_kind: ``"coco"``, ``"voc"`` or ``"shards"`` (``"voc"``: VOC metrics apply).
+        source_name: the source file or folder, for messages.
     """
 
     source_kind = "coco"
+    source_name = "<dataset>"
     keep_crowd = False
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS   # data.max_image_pixels (set by data.build)
+    box_label: tuple[str, str] | None = None   # what _box_name's names are (None: annotation ids)
 
     def _init_index(self, categories: Sequence[dict], records: list[ImageRecord], transform: Callable | None,
                     report: Counter | None = None) -> None:
+        """Set the index; ``load_report`` = ``report`` (what loading dropped) + :func:`policy_report` of
+        ``records`` (what training will do to their boxes)."""
         self.categories = [dict(c) for c in categories]
         self.label_to_category_id: dict[int, int] = {i + 1: int(c["id"]) for i, c in enumerate(self.categories)}
         self.category_id_to_label: dict[int, int] = {v: k for k, v in self.label_to_category_id.items()}
@@ -300,8 +296,8 @@ class DetectionDataset(Dataset):
         self.records = records
         self.image_ids: list[int] = [r.image_id for r in records]
         self.transform = transform
-        self.load_report: Counter = Counter(report or {})
-        self.load_report.update(policy_counts(records))
+        self.load_report = LoadReport(report or {})
+        self.load_report.merge(policy_report(records, self.keep_crowd, self._box_name, self.box_label))
         self._warned: set[int] = set()
 
     # -- to implement
@@ -312,6 +308,22 @@ class DetectionDataset(Dataset):
     def describe(self, index: int) -> str:
         """Where sample ``index`` comes from, for messages (a file path, a shard row)."""
         return self.records[index].file_name
+
+    def missing_images(self, indices: Iterable[int]) -> list[int]:
+        """The ``indices`` whose image file is not there (without reading any); none for packed sources."""
+        return []
+
+    def image_locations(self) -> str:
+        """Where the image files are looked for, for messages."""
+        return self.source_name
+
+    def _box_name(self, record: ImageRecord, k: int) -> Any:
+        """How reports name box ``k`` of ``record`` (its annotation id)."""
+        return int(record.ann_ids[k])
+
+    def mark_reported(self, indices: Iterable[int]) -> None:
+        """Images already reported as unreadable (in a summary): ``__getitem__`` skips them without a warning."""
+        self._warned.update(int(i) for i in indices)
 
     # -- shared API
     @property
@@ -534,12 +546,16 @@ def index_coco(coco: dict, report: Counter) -> tuple[list[dict], list[ImageRecor
 
     Dropped and counted in ``report``: duplicate category / image ids (first wins), annotations with an
     unknown image or category id, or a malformed / non-finite bbox. Duplicate or missing annotation ids are
-    renumbered (after the largest id), counted too.
+    renumbered (after the largest id), counted too. A :class:`~multibox.data.policy.LoadReport` also gets
+    example ids of each (the annotation ids as the file gives them; ``annotations[i]`` for one without).
     """
-    categories = _unique_categories(coco.get("categories", []), report)
-    images = _unique_images(coco.get("images", []), report)
+    notes = report if isinstance(report, LoadReport) else LoadReport()
+    categories = _unique_categories(coco.get("categories", []), notes)
+    images = _unique_images(coco.get("images", []), notes)
     per_image = _annotation_rows(coco.get("annotations", []), {int(img["id"]) for img in images},
-                                 {c["id"] for c in categories}, report)
+                                 {c["id"] for c in categories}, notes)
+    if notes is not report:
+        report.update(notes)
     records: list[ImageRecord] = []
     for img in images:
         arrays = ImageRecord.arrays_from_rows(per_image.get(int(img["id"]), []))
@@ -548,13 +564,13 @@ def index_coco(coco: dict, report: Counter) -> tuple[list[dict], list[ImageRecor
     return categories, records
 
 
-def _unique_categories(raw: list[dict], report: Counter) -> list[dict]:
+def _unique_categories(raw: list[dict], report: LoadReport) -> list[dict]:
     """Categories sorted by id, a repeated id dropped (the first wins), as ``{"id", "name"[, "supercategory"]}``."""
     categories: list[dict] = []
     seen_cats: set[int] = set()
     for c in sorted(raw, key=lambda c: int(c["id"])):
         if int(c["id"]) in seen_cats:
-            report["duplicate_category_ids"] += 1
+            report.note("duplicate_category_ids", [int(c["id"])])
             continue
         seen_cats.add(int(c["id"]))
         categories.append({"id": int(c["id"]), "name": str(c.get("name", c["id"])),
@@ -562,21 +578,21 @@ def _unique_categories(raw: list[dict], report: Counter) -> list[dict]:
     return categories
 
 
-def _unique_images(raw: list[dict], report: Counter) -> list[dict]:
+def _unique_images(raw: list[dict], report: LoadReport) -> list[dict]:
     """Image entries in file order, a repeated id dropped (the first wins)."""
     images: list[dict] = []
     seen_imgs: set[int] = set()
     for img in raw:
         image_id = int(img["id"])
         if image_id in seen_imgs:
-            report["duplicate_image_ids"] += 1
+            report.note("duplicate_image_ids", [f"{image_id} {str(img.get('file_name', ''))!r}"])
             continue
         seen_imgs.add(image_id)
         images.append(img)
     return images
 
 
-def _annotation_rows(anns: list[dict], image_ids: set[int], category_ids: set[int], report: Counter
+def _annotation_rows(anns: list[dict], image_ids: set[int], category_ids: set[int], report: LoadReport
                      ) -> dict[int, list[tuple]]:
     """image id -> ``ImageRecord.arrays_from_rows`` rows ``(ann id, left, top, width, height, area, category id,
     crowd)`` of its usable annotations, ids renumbered where missing or repeated."""
@@ -586,24 +602,25 @@ def _annotation_rows(anns: list[dict], image_ids: set[int], category_ids: set[in
         next_id = 1
     used_ids: set[int] = set()
     per_image: dict[int, list[tuple]] = {}
-    for ann in anns:
+    for i, ann in enumerate(anns):
         ann_id = ann.get("id")
+        given = int(ann_id) if _is_int(ann_id) else f"annotations[{i}]"   # how messages name it
         if not (isinstance(ann_id, int) and _is_int(ann_id)) or ann_id in used_ids:
-            report["annotation_ids_renumbered"] += 1
+            report.note("annotation_ids_renumbered", [given])
             while next_id in good_ids or next_id in used_ids:
                 next_id += 1
             ann_id, next_id = next_id, next_id + 1
         used_ids.add(ann_id)
         image_id = ann.get("image_id")
         if image_id not in image_ids:
-            report["annotations_unknown_image"] += 1
+            report.note("annotations_unknown_image", [given])
             continue
         if ann.get("category_id") not in category_ids:
-            report["annotations_unknown_category"] += 1
+            report.note("annotations_unknown_category", [given])
             continue
         bbox = _finite_bbox(ann.get("bbox"))
         if bbox is None:
-            report["annotations_bad_bbox"] += 1
+            report.note("annotations_bad_bbox", [given])
             continue
         area = ann.get("area")
         area = float(area) if isinstance(area, (int, float)) and math.isfinite(area) else bbox[2] * bbox[3]
@@ -658,11 +675,12 @@ class CocoDetection(DetectionDataset):
             coco = parse_coco_json(f.read(), str(self.ann_file))
         _raise_structure(coco_structure_errors(coco, limit=2), str(self.ann_file))
         self._roots = coco_image_roots(self.ann_file, image_root)
-        report: Counter = Counter()
+        self.source_name = str(self.ann_file)
+        report = LoadReport()
         categories, records = index_coco(coco, report)
         if not keep_empty:
-            kept = [r for r in records if (~r.crowd & (r.bbox_ltwh[:, 2] > 0) & (r.bbox_ltwh[:, 3] > 0)).any()]
-            report["empty_images_dropped"] += len(records) - len(kept)
+            kept = [r for r in records if has_training_box(r)]
+            report.note("empty_images_dropped", [r.image_id for r in records if not has_training_box(r)])
             records = kept
         self._init_index(categories, records, transform, report)
         self._root_hint: Path | None = None
@@ -671,8 +689,8 @@ class CocoDetection(DetectionDataset):
     def _file_names(self) -> list[str]:
         return [r.file_name for r in self.records]
 
-    def image_path(self, index: int) -> Path:
-        """Path of the image file of sample ``index`` (first candidate root where it exists)."""
+    def _find(self, index: int) -> Path | None:
+        """The image file of sample ``index`` under the first root holding it, or None."""
         name = self.records[index].file_name
         roots = self._roots if self._root_hint is None else [self._root_hint, *self._roots]
         for root in roots:
@@ -680,9 +698,21 @@ class CocoDetection(DetectionDataset):
             if path.is_file():
                 self._root_hint = root
                 return path
-        raise FileNotFoundError(
-            f"image {name!r} (id {self.image_ids[index]}) not found under " + ", ".join(str(r) for r in self._roots)
-        )
+        return None
+
+    def image_path(self, index: int) -> Path:
+        """Path of the image file of sample ``index`` (first candidate root where it exists)."""
+        path = self._find(index)
+        if path is None:
+            raise FileNotFoundError(f"image {self.records[index].file_name!r} (id {self.image_ids[index]}) not found "
+                                    f"under {self.image_locations()}")
+        return path
+
+    def missing_images(self, indices: Iterable[int]) -> list[int]:
+        return [i for i in indices if self._find(i) is None]
+
+    def image_locations(self) -> str:
+        return ", ".join(str(r) for r in self._roots)
 
     def read_bytes(self, index: int) -> bytes:
         with open(self.image_path(index), "rb") as f:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from multibox.data.coco import DetectionDataset, ImageRecord
+from multibox.data.policy import LoadReport
 
 __all__ = ["MindRecordSource", "mindspore_reader", "mindrecord_available"]
 
@@ -68,7 +68,7 @@ class MindRecordSource(DetectionDataset):
 
     def __init__(self, path: str | os.PathLike, instances_json: str | os.PathLike,
                  reader_factory: ReaderFactory | None = None) -> None:
-        self.path = str(path)
+        self.path = self.source_name = str(path)
         self._reader = reader_factory or mindspore_reader
         with open(instances_json, "rb") as f:
             coco = json.load(f)
@@ -76,7 +76,7 @@ class MindRecordSource(DetectionDataset):
                               **({"supercategory": c["supercategory"]} if "supercategory" in c else {})}
                              for c in coco.get("categories", [])), key=lambda c: c["id"])
         images = {int(img["id"]): img for img in coco.get("images", [])}
-        report: Counter = Counter()
+        report = LoadReport()
         records: list[ImageRecord] = []
         next_ann = 1
         for row in self._reader(self.path, ["img_id", "annotation"]):
@@ -84,14 +84,15 @@ class MindRecordSource(DetectionDataset):
             ann = np.asarray(row["annotation"], dtype=np.float64).reshape(-1, 5)
             labels = ann[:, 4].astype(np.int64)
             valid = (labels >= 1) & (labels <= len(categories))
-            report["annotations_unknown_label"] += int((~valid).sum())
+            if not valid.all():
+                report.note("annotations_unknown_label", [image_id], count=int((~valid).sum()))
             ann, labels = ann[valid], labels[valid]
             ymin, xmin, ymax, xmax = ann[:, 0], ann[:, 1], ann[:, 2], ann[:, 3]
             ltwh = np.stack([xmin, ymin, xmax - xmin, ymax - ymin], axis=1)
             n = len(ann)
             info = images.get(image_id)
             if info is None:
-                report["images_not_in_instances_json"] += 1
+                report.note("images_not_in_instances_json", [image_id])
             records.append(ImageRecord(
                 image_id, str(info["file_name"]) if info else f"{image_id:012d}.jpg",
                 int(info.get("width") or 0) if info else 0, int(info.get("height") or 0) if info else 0,

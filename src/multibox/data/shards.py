@@ -46,6 +46,7 @@ import pyarrow as pa
 
 from multibox.core.boxes import ltwh_to_xyxy
 from multibox.data.coco import DetectionDataset, ImageDecodeError, ImageRecord, decode_image_rgb
+from multibox.data.policy import CONVERT_DROPS, LoadReport, has_training_box
 from multibox.errors import MultiboxError
 from multibox.io import atomic_path, atomic_write_text, remove_leftover_temporaries
 
@@ -197,6 +198,7 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
         "source": source_info or {}, "class_names": src.class_names, "categories": src.categories,
         "images_per_shard": n, "check_images": bool(check_images), "shards": [],
     }
+    manifest["dropped"] = _dropped_at_load(src)
     sequential = getattr(src, "iter_bytes", None)
     stream = sequential(0, len(src)) if sequential is not None else None
     written = reused = 0
@@ -227,6 +229,19 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
     return manifest
 
 
+def _dropped_at_load(src: DetectionDataset) -> list[dict]:
+    """What loading ``src`` dropped (so the shards lack it), one warning per kind: the manifest's ``dropped``,
+    ``[{"kind", "count", "examples", "message"}]``."""
+    report = src.load_report
+    dropped = []
+    for kind in (k for k in CONVERT_DROPS if report.get(k)):
+        (message,) = report.describe([kind])
+        log.warning("%s: %s", src.source_name, message)
+        dropped.append({"kind": kind, "count": int(report[kind]), "examples": list(report.examples.get(kind, [])),
+                        "message": message})
+    return dropped
+
+
 def _previous_shards(out: Path) -> dict[str, dict]:
     """file name -> manifest entry of the shards an earlier run wrote into ``out`` (empty when none)."""
     if not (out / MANIFEST).is_file():
@@ -251,6 +266,8 @@ def _pack_shard(src: DetectionDataset, indices: list[int], stream: Iterator[byte
     kept = [(i, b) for i, b, _ in results if b is not None]
     skipped = [{"image_id": src.image_ids[i], "file_name": src.records[i].file_name, "reason": why}
                for i, b, why in results if b is None]
+    for s in skipped:
+        log.warning("skipping unreadable image %s (image id %s): %s", s["file_name"], s["image_id"], s["reason"])
     table = _shard_table(src, [i for i, _ in kept], [b for _, b in kept])
     _write_shard(path, table)
     return {"file": path.name, "rows": table.num_rows, "bytes": path.stat().st_size,
@@ -335,6 +352,7 @@ class ShardDataset(DetectionDataset):
         if verify not in ("sha256", "crc", "none"):
             raise ValueError(f"verify must be sha256, crc or none; got {verify!r}")
         self.root = Path(root)
+        self.source_name = str(self.root)
         try:
             self.manifest = json.loads((self.root / MANIFEST).read_bytes())
         except (OSError, ValueError, RecursionError) as err:
@@ -348,7 +366,7 @@ class ShardDataset(DetectionDataset):
         self._verified: set[int] = set()
         records: list[ImageRecord] = []
         self._where: list[tuple[int, int]] = []
-        report: Counter = Counter()
+        report = LoadReport()
         for k, entry in enumerate(self.shards):
             path = self.shard_path(k)
             if not path.is_file():
@@ -379,13 +397,14 @@ class ShardDataset(DetectionDataset):
                                      cols["areas"][1][a:b].astype(np.float64),
                                      cols["category_ids"][1][a:b].astype(np.int64),
                                      cols["crowd"][1][a:b].astype(bool))
-                usable = (~record.crowd | self.keep_crowd) & (record.bbox_ltwh[:, 2] > 0) & (record.bbox_ltwh[:, 3] > 0)
-                if not keep_empty and not usable.any():
-                    report["empty_images_dropped"] += 1
+                if not keep_empty and not has_training_box(record, self.keep_crowd):
+                    report.note("empty_images_dropped", [record.image_id])
                     continue
                 records.append(record)
                 self._where.append((k, row))
-            report["skipped_at_conversion"] += len(entry.get("skipped", []))
+            skipped = entry.get("skipped", [])
+            report.note("skipped_at_conversion", [s.get("image_id") for s in skipped if isinstance(s, dict)],
+                        count=len(skipped))
         self._handles.clear()   # reopened lazily per process (and verified then)
         self._init_index(self.manifest["categories"], records, transform, report)
 

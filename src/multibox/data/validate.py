@@ -1,9 +1,11 @@
 """``multibox check-data SRC``: find every problem of a dataset, with its file and annotation id.
 
 Sources: a COCO instances JSON (images next to it, under ``images/`` or under ``--image-root``), a Pascal VOC
-folder, or a packed-shard folder (checksums and every row are verified).
+folder, or a packed-shard folder (checksums and every row are verified, its boxes checked as COCO's are).
 
-Problem kinds (``Problem.kind``) and what training does about them (the policy of :mod:`multibox.data.coco`):
+Problem kinds (``Problem.kind``) and what training does about them (the policy of :mod:`multibox.data.coco`; the
+box kinds are decided by :func:`multibox.data.policy.classify_boxes`, the rule training applies, judged at the
+annotated image size):
 
 ======================  ========  =================================================================
 kind                    severity  training
@@ -36,6 +38,9 @@ cmyk_image              warning   converted to RGB
 16bit_image             warning   scaled to 8 bit (x / 256)
 unknown_class_name      warning   (VOC) a name outside the 20 VOC classes in a set that uses them: the set
                                   is then read as a custom one (sorted names found): a typo?
+no_usable_images        error     the whole set refused: it lists no images, or none of them can be read
+dropped_at_conversion   warning   (shards) not in the shards: an image unreadable when ``multibox convert``
+                                  packed them, or what loading the source dropped (unknown categories, ...)
 ======================  ========  =================================================================
 """
 from __future__ import annotations
@@ -50,8 +55,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from multibox.data.coco import (DEFAULT_MAX_IMAGE_PIXELS, CocoFormatError, coco_image_roots, coco_structure_errors,
                    parse_coco_json)
+from multibox.data.policy import (BOX_CLIPPED, BOX_KEPT, BOX_NEGATIVE, BOX_NONFINITE, BOX_OUTSIDE, BOX_ZERO_SIZE,
+                                  classify_boxes)
 
 __all__ = ["Problem", "Report", "check_dataset", "check_coco", "check_voc", "check_shards", "inspect_image_bytes"]
 
@@ -63,7 +72,7 @@ SEVERITY = {
     "nan_box": "error", "zero_size_box": "warning", "negative_box": "warning", "out_of_image_box": "warning",
     "size_mismatch": "warning", "exif_rotated": "warning", "grayscale_image": "warning",
     "palette_image": "warning", "rgba_image": "warning", "cmyk_image": "warning", "16bit_image": "warning",
-    "unknown_class_name": "warning",
+    "unknown_class_name": "warning", "dropped_at_conversion": "warning", "no_usable_images": "error",
 }
 
 
@@ -261,20 +270,27 @@ def _run_image_checks(jobs: list[tuple], workers: int, max_pixels: int | None = 
         return [p for ps in pool.map(one, jobs) for p in ps]
 
 
-def _box_problems(report: Report, file: str, image_id, ann_id, ltwh: list[float], wh: tuple[int, int] | None):
-    x, y, w, h = ltwh
-    if w == 0 or h == 0:
-        report.add("zero_size_box", file, f"bbox {ltwh} has zero width or height", image_id, ann_id)
+_BOX_KINDS = {BOX_CLIPPED: "out_of_image_box", BOX_OUTSIDE: "out_of_image_box", BOX_ZERO_SIZE: "zero_size_box",
+              BOX_NEGATIVE: "negative_box", BOX_NONFINITE: "nan_box"}
+
+
+def _box_problems(report: Report, boxes: list[tuple]) -> None:
+    """Report what training does to each of ``boxes`` = ``[(file, image id, annotation id, ltwh, (w, h))]``: the
+    rule is :func:`multibox.data.policy.classify_boxes` (the one training applies), judged at the annotated size."""
+    if not boxes:
         return
-    if w < 0 or h < 0:
-        report.add("negative_box", file, f"bbox {ltwh} has negative width or height", image_id, ann_id)
-        return
-    if wh and all(wh):
-        iw, ih = wh
-        if x < 0 or y < 0 or x + w > iw or y + h > ih:
-            outside = x + w <= 0 or y + h <= 0 or x >= iw or y >= ih
-            what = "entirely outside" if outside else "partly outside"
-            report.add("out_of_image_box", file, f"bbox {ltwh} is {what} the {iw}x{ih} image", image_id, ann_id)
+    sizes = np.asarray([b[4] for b in boxes], np.float64).reshape(-1, 2)
+    codes = classify_boxes([b[3] for b in boxes], sizes[:, 0], sizes[:, 1])
+    for (file, image_id, ann_id, ltwh, (iw, ih)), code in zip(boxes, codes.tolist()):
+        if code == BOX_KEPT:
+            continue
+        ltwh = [float(v) for v in ltwh]
+        message = {BOX_ZERO_SIZE: f"bbox {ltwh} has zero width or height",
+                   BOX_NEGATIVE: f"bbox {ltwh} has negative width or height",
+                   BOX_NONFINITE: f"bbox {ltwh} is not four finite numbers",
+                   BOX_OUTSIDE: f"bbox {ltwh} is entirely outside the {iw}x{ih} image",
+                   BOX_CLIPPED: f"bbox {ltwh} is partly outside the {iw}x{ih} image"}[code]
+        report.add(_BOX_KINDS[code], file, message, image_id, ann_id)
 
 
 # --------------------------------------------------------------------------- COCO
@@ -306,6 +322,7 @@ def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None
         jobs = [(locate(str(img.get("file_name", ""))), str(img.get("file_name", "")), iid,
                  (int(img.get("width") or 0), int(img.get("height") or 0))) for iid, img in image_info.items()]
         report.problems += _run_image_checks(jobs, workers, max_pixels)
+    _require_usable(report, images, ", ".join(str(r) for r in roots))
     return report
 
 
@@ -352,6 +369,7 @@ def _check_annotations(report: Report, annotations: list[dict], image_info: dict
     for ann_id, n in ann_ids.items():
         if n > 1:
             report.add("duplicate_annotation_id", src, f"annotation id {ann_id} is used {n} times", None, ann_id)
+    boxes = []
     for ann in annotations:
         aid, iid = _hashable(ann.get("id")), ann.get("image_id")
         img = image_info.get(iid)
@@ -371,7 +389,8 @@ def _check_annotations(report: Report, annotations: list[dict], image_info: dict
         if not ok:
             report.add("nan_box", file, f"bbox {bbox!r} is not four finite numbers", iid, aid)
             continue
-        _box_problems(report, file, iid, aid, values, (int(img.get("width") or 0), int(img.get("height") or 0)))
+        boxes.append((file, iid, aid, values, (int(img.get("width") or 0), int(img.get("height") or 0))))
+    _box_problems(report, boxes)
 
 
 def _hashable(value: Any) -> Any:
@@ -403,7 +422,7 @@ def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = 
     names = {o.name for _, _, _, objs in parsed for o in objs}
     # Names outside the VOC classes in a set that otherwise uses them are likely typos ("persn").
     known = set(VOC_CLASSES) if names & set(VOC_CLASSES) else names
-    jobs = []
+    jobs, boxes = [], []
     for stem, xml, info, objects in parsed:
         report.num_images += 1
         wh = (info["width"], info["height"])
@@ -413,17 +432,15 @@ def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = 
                 report.add("unknown_class_name", xml, f"class {o.name!r} is not a VOC class; with it the set "
                            "is read as a custom one (classes = sorted names found)", stem, f"{stem}#{k}")
             _, xmin, ymin, xmax, ymax, _ = o
-            ltwh = [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1]
-            if not all(math.isfinite(v) for v in ltwh):
-                report.add("nan_box", xml, f"object #{k} box {ltwh} not finite", stem, f"{stem}#{k}")
-            else:
-                _box_problems(report, str(xml), stem, f"{stem}#{k}", ltwh, wh)
+            boxes.append((str(xml), stem, f"{stem}#{k}", [xmin - 1, ymin - 1, xmax - xmin + 1, ymax - ymin + 1], wh))
         image = found / "JPEGImages" / f"{stem}.jpg"
         if not image.is_file():
             image = next(iter(sorted((found / "JPEGImages").glob(f"{glob.escape(stem)}.*"))), image)
         jobs.append((image, str(image), stem, wh))
+    _box_problems(report, boxes)
     if images:
         report.problems += _run_image_checks(jobs, workers, max_pixels)
+    _require_usable(report, images, str(found / "JPEGImages"))
     return report
 
 
@@ -470,6 +487,9 @@ def check_shards(root: str | os.PathLike, images: bool = True, workers: int = 2,
         return report
     report.num_images = len(ds)
     report.num_annotations = sum(r.num_boxes for r in ds.records)
+    _box_problems(report, [(ds.describe(i), r.image_id, int(r.ann_ids[k]), r.bbox_ltwh[k], (r.width, r.height))
+                           for i, r in enumerate(ds.records) for k in range(r.num_boxes)])
+    _conversion_problems(report, ds)
     bad = set()
     for k in range(ds.num_shards):
         try:
@@ -485,7 +505,39 @@ def check_shards(root: str | os.PathLike, images: bool = True, workers: int = 2,
             jobs.append((None, ds.describe(i), ds.image_ids[i], (ds.records[i].width, ds.records[i].height),
                          (lambda i=i: (ds.read_bytes(i), ds.describe(i))), ds.records[i].file_name))
         report.problems += _run_image_checks(jobs, workers, max_pixels)
+    _require_usable(report, images and not bad, str(root))
     return report
+
+
+_UNUSABLE = ("missing_image", "unreadable_image", "truncated_image", "oversized_image")
+
+
+def _require_usable(report: Report, images_checked: bool, where: str) -> None:
+    """``no_usable_images`` (training refuses the set, see :func:`multibox.data.build.build_splits`) when the set
+    lists no image, or when every image was checked and none can be read."""
+    if report.num_images == 0:
+        report.add("no_usable_images", report.source, "the set has no images (none listed, or none left after the "
+                   "errors above): training refuses it")
+        return
+    unusable = {_hashable(p.image_id) for p in report.problems if p.kind in _UNUSABLE}
+    if images_checked and len(unusable) >= report.num_images:
+        report.add("no_usable_images", report.source, f"none of its {report.num_images} images can be read (looked "
+                   f"under {where}): training refuses it")
+
+
+def _conversion_problems(report: Report, ds) -> None:
+    """What ``multibox convert`` left out of the shards (the manifest lists it): unreadable images, and what
+    loading the source dropped (unknown categories, duplicate images, ...)."""
+    manifest = ds.root / "manifest.json"
+    for k, entry in enumerate(ds.shards):
+        for item in entry.get("skipped", []):
+            if isinstance(item, dict):
+                report.add("dropped_at_conversion", ds.shard_path(k), f"image {item.get('file_name')!r} left out: "
+                           f"{item.get('reason')}", item.get("image_id"))
+    dropped = ds.manifest.get("dropped", [])
+    for item in dropped if isinstance(dropped, list) else []:
+        if isinstance(item, dict):
+            report.add("dropped_at_conversion", manifest, f"the source's {item.get('message')}")
 
 
 # --------------------------------------------------------------------------- entry points

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import glob
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import numpy as np
-
 from multibox.data.coco import DetectionDataset, ImageRecord
+from multibox.data.policy import LoadReport, has_training_box
 from multibox.errors import MultiboxError
 
 __all__ = ["VOC_CLASSES", "VOCDetection", "VocObject", "VocXmlError", "find_voc_root", "is_plain_id", "is_voc_root",
@@ -179,6 +177,7 @@ class VOCDetection(DetectionDataset):
     """
 
     source_kind = "voc"
+    box_label = ("object", "objects")   # reports name boxes "<image id>#<k>", as check-data does
 
     def __init__(self, root: str | os.PathLike, split: str | None = "trainval",
                  class_names: Sequence[str] | None = None, keep_difficult: bool = False, keep_empty: bool = True,
@@ -187,57 +186,76 @@ class VOCDetection(DetectionDataset):
         if found is None:
             raise FileNotFoundError(f"{root}: not a VOC folder (expected Annotations/, JPEGImages/, ImageSets/Main/)")
         self.root, self.split = found, split
+        self.source_name = f"{found} ({split} split)" if split else str(found)
         self.keep_crowd = bool(keep_difficult)
         if split is None:
             stems = sorted(p.stem for p in (found / "Annotations").glob("*.xml"))
         else:
             stems = read_split_ids(found, split)
-        report: Counter = Counter()
+        report = LoadReport()
+        parsed = self._parse(stems, report)
+        if class_names is None:
+            class_names = voc_class_names(o for _, _, objs in parsed for o in objs)
+        categories = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(class_names)]
+        records = self._records(parsed, {name: i + 1 for i, name in enumerate(class_names)}, keep_empty, report)
+        self._init_index(categories, records, transform, report)
+
+    def _parse(self, stems: list[str], report: LoadReport) -> list[tuple[str, dict, list[VocObject]]]:
+        """``(stem, info, objects)`` of each readable XML; what is refused goes to ``report`` / ``xml_problems``."""
         self.xml_problems: list[tuple[str, str]] = []
         parsed: list[tuple[str, dict, list[VocObject]]] = []
         for stem in stems:
             if not is_plain_id(stem):
-                report["bad_split_ids_dropped"] += 1
-                self.xml_problems.append((str(found / "ImageSets" / "Main" / f"{split}.txt"),
+                report.note("bad_split_ids_dropped", [repr(stem)])
+                self.xml_problems.append((str(self.root / "ImageSets" / "Main" / f"{self.split}.txt"),
                                           f"image id {stem!r} is not a plain file name"))
                 continue
-            xml_path = found / "Annotations" / f"{stem}.xml"
+            xml_path = self.root / "Annotations" / f"{stem}.xml"
             try:
                 info, objects, problems = parse_voc_xml(xml_path)
             except VocXmlError as err:
-                report["unreadable_xml_images_dropped"] += 1
+                report.note("unreadable_xml_images_dropped", [stem])
                 self.xml_problems.append((str(xml_path), str(err)))
                 continue
-            report["objects_skipped"] += len(problems)
+            report.note("objects_skipped", [f"{stem}.xml"] * len(problems), label=("in", "in"))
             self.xml_problems += [(str(xml_path), p) for p in problems]
             parsed.append((stem, info, objects))
-        if class_names is None:
-            class_names = voc_class_names(o for _, _, objs in parsed for o in objs)
-        label_of = {name: i + 1 for i, name in enumerate(class_names)}
-        categories = [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(class_names)]
+        return parsed
 
-        ids = _image_ids([stem for stem, _, _ in parsed])
+    def _records(self, parsed: list[tuple[str, dict, list[VocObject]]], label_of: dict[str, int], keep_empty: bool,
+                 report: LoadReport) -> list[ImageRecord]:
+        """One record per parsed image (annotation ids numbered from 1; ``stem#k`` names object k in reports)."""
         records: list[ImageRecord] = []
         self.stems: list[str] = []
-        next_ann = 1
-        for image_id, (stem, info, objects) in zip(ids, parsed):
+        self._object_names: list[str] = []   # annotation id - 1 -> "stem#k"
+        for image_id, (stem, info, objects) in zip(_image_ids([stem for stem, _, _ in parsed]), parsed):
             rows = []
-            for o in objects:
+            for k, o in enumerate(objects):
                 if o.name not in label_of:
-                    report["objects_unknown_class"] += 1
+                    report.note("objects_unknown_class", [f"{stem}#{k}"])
                     continue
                 _, xmin, ymin, xmax, ymax, difficult = o
                 w, h = xmax - xmin + 1.0, ymax - ymin + 1.0
-                rows.append((next_ann, xmin - 1.0, ymin - 1.0, w, h, w * h, label_of[o.name], difficult))
-                next_ann += 1
-            arrays = ImageRecord.arrays_from_rows(rows)
-            record = ImageRecord(image_id, f"JPEGImages/{stem}.jpg", info["width"], info["height"], **arrays)
-            if not keep_empty and not (~record.crowd if not self.keep_crowd else np.ones(record.num_boxes, bool)).any():
-                report["empty_images_dropped"] += 1
+                self._object_names.append(f"{stem}#{k}")
+                rows.append((len(self._object_names), xmin - 1.0, ymin - 1.0, w, h, w * h, label_of[o.name],
+                             difficult))
+            record = ImageRecord(image_id, f"JPEGImages/{stem}.jpg", info["width"], info["height"],
+                                 **ImageRecord.arrays_from_rows(rows))
+            if not keep_empty and not has_training_box(record, self.keep_crowd):
+                report.note("empty_images_dropped", [stem], label=("image", "images"))
                 continue
             records.append(record)
             self.stems.append(stem)
-        self._init_index(categories, records, transform, report)
+        return records
+
+    def _box_name(self, record: ImageRecord, k: int) -> str:
+        return self._object_names[int(record.ann_ids[k]) - 1]
+
+    def missing_images(self, indices: Iterable[int]) -> list[int]:
+        return [i for i in indices if not self.image_path(i).is_file()]
+
+    def image_locations(self) -> str:
+        return str(self.root / "JPEGImages")
 
     def image_path(self, index: int) -> Path:
         path = self.root / self.records[index].file_name

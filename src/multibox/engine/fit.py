@@ -1,11 +1,18 @@
 """``multibox train``: the training run, top to bottom.
 
-Writes into the run folder: ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every epoch, and every
-``train.checkpoint_every_steps`` steps), ``epoch_N.pt`` (every ``train.checkpoint_every`` epochs), ``best.pt``
-(highest AP), ``eval.json`` (evaluation of ``best.pt``) and ``curves.png``.
+Writes into the run folder: ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every epoch, every
+``train.checkpoint_every_minutes`` and every ``train.checkpoint_every_steps`` steps), ``epoch_N.pt`` (every
+``train.checkpoint_every`` epochs), ``best.pt`` (highest AP), ``eval.json`` (evaluation of ``best.pt``, with what
+was evaluated), ``curves.png`` and at the end the report of ``best.pt`` (``pr_curves.png``,
+``confusion_matrix.png``, ``samples.png``, ``index.html``).
 
 Reliability (a run lasts days):
 
+* a new run refuses a folder that holds files (``exist_ok`` starts over in it), a resume one without ``last.pt``;
+  a run that fails before training (bad data, a dry run) leaves no folder behind;
+* SIGINT (Ctrl-C) and SIGTERM stop the run at the end of the batch in progress, after writing a resumable
+  ``last.pt`` (:class:`multibox.engine.interrupt.TrainingInterrupted` says how to continue); in the middle of an
+  epoch ``last.pt`` is also written every ``train.checkpoint_every_minutes`` (5) minutes, so a crash loses less;
 * checkpoints are written atomically (:func:`multibox.checkpoint.save_checkpoint`): a crash, a kill or a full disk
   while writing leaves the previous one intact; weights that are not finite are never written;
 * ``--resume DIR`` continues from ``DIR/last.pt`` exactly where it stopped, also in the middle of an epoch:
@@ -32,6 +39,7 @@ import json
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -42,12 +50,13 @@ import torch
 from torch import nn
 
 from multibox import distributed as mbdist
-from multibox.checkpoint import save_checkpoint
+from multibox.checkpoint import load_checkpoint, save_checkpoint
 from multibox.config import Config, save_config
 from multibox.core.losses import build_criterion
 from multibox.core.matching import build_encoder
 from multibox.data.build import DataSplits, EpochShuffleSampler, build_splits, make_loader
 from multibox.data.gpu_transforms import DeviceAugmentLoader, build_batch_augment
+from multibox.engine.interrupt import StopRequest, TrainingInterrupted
 from multibox.engine.loop import EpochProgress, NonFiniteTrainingError, StepOptions, StepParts, train_one_epoch
 from multibox.engine.optim import build_optimizer, make_grad_scaler
 from multibox.engine.schedules import build_lr_schedule
@@ -56,6 +65,9 @@ from multibox.engine.state import (RunLog, check_finite_weights, checkpoint_payl
 from multibox.evaluation.coco import CocoEvalResult, format_per_class_table, write_eval_json
 from multibox.evaluation.evaluate import evaluate_model
 from multibox.evaluation.plots import plot_training_curves
+from multibox.evaluation.provenance import eval_provenance, run_checkpoint_record
+from multibox.evaluation.report import detections_for_report, write_eval_report
+from multibox.errors import InputError
 from multibox.io import remove_leftover_temporaries
 from multibox.models import build_model, count_parameters
 from multibox.runtime import cpu_threads, deterministic_mode, resolve_device, seed_everything
@@ -70,7 +82,7 @@ class Run:
     ``model``: the SSD (evaluation, checkpoints); ``parts.model``: what trains (DistributedDataParallel around
     it when data-parallel). ``epoch``: epochs completed; ``step``: the next global step; ``progress``: the epoch
     in progress (mid-epoch after a resume); ``best``: the best evaluation so far (``{"AP": -1.0}``: none);
-    ``best_result``: its full result when this process evaluated it (the final summary).
+    ``best_result``: its full result when this process evaluated it (the final summary and report).
     """
 
     cfg: Config
@@ -84,11 +96,14 @@ class Run:
     steps_per_epoch: int
     data_report: dict[str, int]
     log: RunLog | None
+    stop: StopRequest = field(default_factory=StopRequest)
+    last_saved: float = field(default_factory=time.monotonic)   # when last.pt was last written (monotonic s)
     epoch: int = 0
     step: int = 0
     progress: EpochProgress = field(default_factory=EpochProgress)
     best: dict = field(default_factory=lambda: {"AP": -1.0})
     best_result: CocoEvalResult | None = None
+    best_detections: list[dict] | None = None   # rank 0: best_result's detections that its report draws
 
     @property
     def device(self) -> torch.device:
@@ -101,9 +116,12 @@ class Run:
                 "batch_size": self.cfg.train.batch_size}
 
 
-def fit(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, dry_run: bool = False) -> dict:
+def fit(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, dry_run: bool = False,
+        exist_ok: bool = False) -> dict:
     """Train ``cfg`` into ``out_dir``; with ``resume`` continue from ``out_dir/last.pt``. Returns the final eval
-    (rank 0; the other ranks: the best metrics), with ``dry_run`` the report of :func:`dry_run_step`.
+    (rank 0; the other ranks: the best metrics), with ``dry_run`` the report of :func:`dry_run_step` (no files
+    written). A new run needs ``out_dir`` absent or empty, unless ``exist_ok`` (see :func:`check_run_folder`).
+    :class:`TrainingInterrupted` after SIGINT / SIGTERM, once ``last.pt`` is saved.
 
     ``progress``: a progress bar per epoch (rank 0, on a terminal). Under torchrun (``WORLD_SIZE`` > 1) joins the
     process group, trains data-parallel and leaves the group at the end (see the module docstring).
@@ -114,16 +132,18 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool =
         try:
             if env.distributed and device.type == "cuda":
                 device = torch.device("cuda", env.local_rank)
-            return _fit(cfg, Path(out_dir), resume, progress, dry_run, device, env)
+            return _fit(cfg, Path(out_dir), resume, progress, dry_run, exist_ok, device, env)
         finally:
             if env.distributed:
                 mbdist.cleanup()
 
 
-def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, device: torch.device,
+def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, exist_ok: bool, device: torch.device,
          env: mbdist.DistEnv) -> dict:
     """The run, top to bottom: build, restore or start, then per epoch train, evaluate, checkpoint; finish."""
-    _prepare_process(cfg, out, device)
+    if not dry_run:
+        check_run_folder(out, resume, exist_ok)
+    _prepare_process(cfg, device)
     run = build_run(cfg, out, device, env, progress=progress and env.is_main)
     if dry_run:
         return dry_run_step(run)
@@ -132,13 +152,16 @@ def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, de
     else:
         start_run(run)
     try:
-        while run.epoch < cfg.train.epochs:
-            train_epoch(run)
-            if env.distributed:
-                mbdist.broadcast_buffers(run.model)   # rank 0's BatchNorm statistics everywhere (eval, checkpoints)
-            if _evaluation_due(cfg, run.epoch):
-                evaluate(run)
-            checkpoint_epoch(run)
+        with run.stop:
+            while run.epoch < cfg.train.epochs:
+                train_epoch(run)
+                if env.distributed:
+                    mbdist.broadcast_buffers(run.model)   # rank 0's BatchNorm statistics everywhere (eval, checkpoints)
+                if _evaluation_due(cfg, run.epoch):
+                    evaluate(run)
+                checkpoint_epoch(run)
+                if _stop_requested(run) and run.epoch < cfg.train.epochs:
+                    raise _interrupted(run, run.progress, run.step)
     except NonFiniteTrainingError as err:
         if run.log is not None:
             run.log({"kind": "stopped", "reason": "nonfinite", "message": str(err)})
@@ -152,8 +175,28 @@ def _info(message: str) -> None:
         logger.info(message)
 
 
-def _prepare_process(cfg: Config, out: Path, device: torch.device) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def check_run_folder(out: Path, resume: bool, exist_ok: bool = False) -> None:
+    """Refuse, with one line that says what to do, a resume from a folder without ``last.pt`` and a new run in a
+    folder that holds files (its checkpoints and metrics would be overwritten), unless ``exist_ok``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a run folder")
+    if resume:
+        if not (out / "last.pt").is_file():
+            found = sorted(p.name for p in out.iterdir())[:8] if out.is_dir() else []
+            raise InputError(f"cannot resume {out}: it has no last.pt (" + (f"it holds {', '.join(found)}"
+                             if found else "no such run folder" if not out.is_dir() else "it is empty")
+                             + "); a run writes last.pt at every epoch end, every train.checkpoint_every_minutes "
+                             "and on Ctrl-C")
+        return
+    if out.is_dir() and any(out.iterdir()) and not exist_ok:
+        names = sorted(p.name for p in out.iterdir())
+        raise InputError(f"{out} already holds a run ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): "
+                         f"continue it with --resume {out}, choose another --out, or pass --exist-ok to start over "
+                         "in it")
+
+
+def _prepare_process(cfg: Config, device: torch.device) -> None:
     if device.type == "cuda" and not cfg.train.deterministic:
         torch.backends.cudnn.benchmark = True   # every batch is S x S: autotune the convolutions once
     seed_everything(cfg.train.seed)   # same on every rank: identical initial weights (DDP also broadcasts them)
@@ -227,11 +270,14 @@ def _flat_counts(report: dict[str, dict[str, int]]) -> dict[str, int]:
 
 
 def start_run(run: Run) -> None:
-    """A new run: ``config.yaml``, a fresh ``metrics.jsonl`` opened by a ``data`` record (rank 0)."""
+    """A new run: the folder, ``config.yaml``, a fresh ``metrics.jsonl`` opened by a ``data`` record (rank 0)."""
     if run.log is None:
         return
+    run.out.mkdir(parents=True, exist_ok=True)
     save_config(run.cfg, run.out / "config.yaml")
-    (run.out / "metrics.jsonl").unlink(missing_ok=True)
+    # Starting over in a folder (exist_ok): an earlier run's last.pt must not be resumed under this config.
+    for name in ("metrics.jsonl", "last.pt"):
+        (run.out / name).unlink(missing_ok=True)
     run.log({"kind": "data", "train_images": len(run.splits.train), "val_images": len(run.splits.val),
              "world_size": run.env.world_size, "global_batch": run.cfg.train.batch_size * run.env.world_size,
              **run.data_report})
@@ -251,8 +297,8 @@ def restore_run(run: Run) -> None:
 
 
 def train_epoch(run: Run) -> None:
-    """Train epoch ``run.epoch + 1`` from ``run.progress`` (``last.pt`` every ``train.checkpoint_every_steps``
-    batches), log it, and advance ``run`` to its end."""
+    """Train epoch ``run.epoch + 1`` from ``run.progress`` (``last.pt`` inside it as :func:`checkpoint_in_epoch`
+    decides), log it, and advance ``run`` to its end."""
     cfg, epoch = run.cfg, run.epoch
     run.loader.generator.manual_seed(cfg.train.seed + 1000 * run.env.rank + epoch)   # worker seeds: history-free
     # The shuffle of epoch e does not depend on history (nor on the world size); a resumed epoch skips the batches
@@ -272,13 +318,42 @@ def train_epoch(run: Run) -> None:
 
 
 def checkpoint_in_epoch(run: Run, progress: EpochProgress, next_step: int) -> None:
-    """After every batch: ``last.pt`` every ``train.checkpoint_every_steps`` batches of an epoch in progress (its
-    last batch: the epoch end saves). None during a run of non-finite steps: ``last.pt`` stays the state right
-    after the last good step."""
-    every = run.cfg.train.checkpoint_every_steps
-    if every and progress.batch % every == 0 and progress.batch < run.steps_per_epoch \
-            and not progress.nonfinite_streak:
+    """After every batch of an epoch in progress (its last batch: the epoch end saves): ``last.pt`` every
+    ``train.checkpoint_every_steps`` batches, when ``train.checkpoint_every_minutes`` have passed since the last
+    one, and on a stop request (then :class:`TrainingInterrupted`). None during a run of non-finite steps:
+    ``last.pt`` stays the state right after the last good step."""
+    if progress.batch >= run.steps_per_epoch:
+        return
+    every, minutes = run.cfg.train.checkpoint_every_steps, run.cfg.train.checkpoint_every_minutes
+    time_due = bool(minutes) and time.monotonic() - run.last_saved >= 60 * minutes
+    time_due, stop = _joint(run, time_due, run.stop.requested)
+    if (stop or time_due or (every and progress.batch % every == 0)) and not progress.nonfinite_streak:
         save_last(run, progress, next_step)
+    if stop:
+        raise _interrupted(run, progress, next_step)
+
+
+def _joint(run: Run, *flags: bool) -> list[bool]:
+    """Each flag true on any rank, on every rank (a checkpoint is a collective: the ranks must decide together)."""
+    if not run.env.distributed:
+        return list(flags)
+    votes = mbdist.all_reduce_sum(torch.tensor([float(f) for f in flags], device=run.device))
+    return [bool(v > 0) for v in votes.tolist()]
+
+
+def _stop_requested(run: Run) -> bool:
+    return _joint(run, run.stop.requested)[0]
+
+
+def _interrupted(run: Run, progress: EpochProgress, next_step: int) -> TrainingInterrupted:
+    """The error that ends an interrupted run: where it stopped and how to continue (``last.pt`` is saved)."""
+    signum = run.stop.signum or signal.SIGINT   # another rank's signal: report it as Ctrl-C
+    where = (f"epoch {run.epoch + 1}, batch {progress.batch}/{run.steps_per_epoch}" if progress.batch
+             else f"the end of epoch {run.epoch}")
+    if run.log is not None:
+        run.log({"kind": "stopped", "reason": "signal", "signal": signum, "epoch": run.epoch, "step": next_step})
+    return TrainingInterrupted(f"interrupted at {where}; {run.out / 'last.pt'} holds the state to continue from: "
+                               f"multibox train --resume {run.out}", signum)
 
 
 def save_last(run: Run, progress: EpochProgress, next_step: int) -> dict:
@@ -294,6 +369,7 @@ def save_last(run: Run, progress: EpochProgress, next_step: int) -> dict:
                                step=next_step, best=run.best, rng=rng, progress=progress.to_dict(), **run.geometry)
     if run.env.is_main:
         save_checkpoint(state, run.out / "last.pt")
+    run.last_saved = time.monotonic()
     return state
 
 
@@ -304,22 +380,26 @@ def _evaluation_due(cfg: Config, epochs_done: int) -> bool:
 
 def evaluate(run: Run) -> None:
     """COCO evaluation after ``run.epoch`` epochs (all ranks); a new best AP writes ``best.pt`` and ``eval.json``."""
-    result = evaluate_model(run.cfg, run.model, run.splits, run.device)
+    result, detections = evaluate_model(run.cfg, run.model, run.splits, run.device, return_detections=True)
     if run.log is not None:
         run.log({"kind": "eval", "epoch": run.epoch, "step": run.step, **result.stats})
     _info(f"  eval: AP {result.stats['AP']:.4f}  AP50 {result.stats['AP50']:.4f}")
     if result.stats["AP"] > run.best["AP"]:
-        save_best(run, result)
+        save_best(run, result, detections)
 
 
-def save_best(run: Run, result: CocoEvalResult) -> None:
-    """A new best evaluation: ``best.pt`` (weights and metrics) and ``eval.json`` (rank 0)."""
+def save_best(run: Run, result: CocoEvalResult, detections: list[dict]) -> None:
+    """A new best evaluation: ``best.pt`` (weights and metrics) and ``eval.json`` with what was evaluated (rank 0,
+    which keeps the detections the report of :func:`finish` draws)."""
     run.best = {**result.stats, "epoch": run.epoch}
     check_finite_weights(run.model)
     if run.env.is_main:
+        best = run.out / "best.pt"
         save_checkpoint(checkpoint_payload(run.cfg, run.model, run.splits.class_names, epoch=run.epoch,
-                                           metrics=run.best), run.out / "best.pt")
-        write_eval_json(run.out / "eval.json", result, extra={"epoch": run.epoch, "checkpoint": "best.pt"})
+                                           metrics=run.best), best)
+        checkpoint = run_checkpoint_record(best.name, run.epoch)
+        write_eval_json(run.out / "eval.json", result, extra=eval_provenance(run.cfg, run.splits, result, checkpoint))
+        run.best_detections = detections_for_report(detections)
     run.best_result = result
 
 
@@ -336,16 +416,45 @@ def checkpoint_epoch(run: Run) -> None:
 
 
 def finish(run: Run) -> dict:
-    """Rank 0: log the best evaluation (this process's, else ``eval.json``'s) and return ``eval.json``; the other
-    ranks return the best metrics."""
+    """Rank 0: log the best evaluation, write its report beside ``eval.json`` (what ``multibox eval`` writes:
+    :func:`multibox.evaluation.report.write_eval_report`) and return ``eval.json`` (plus ``skipped_images`` when
+    training skipped unreadable images); the other ranks return the best metrics. A run resumed after its best
+    evaluation evaluates ``best.pt`` again for the report (all ranks)."""
+    if run.best_result is None and "epoch" in run.best:   # every rank knows run.best: all take part, or none
+        _evaluate_best_again(run)
     if not run.env.is_main:
         return run.best
     final = json.loads((run.out / "eval.json").read_text())
     if run.best_result is not None:
         logger.info(run.best_result.summary)
         logger.info(format_per_class_table(run.best_result.per_class))
-    logger.info(f"best AP {final['AP']:.4f} (AP50 {final['AP50']:.4f}) at epoch {final['epoch']}; run folder {run.out}")
+        write_eval_report(run.out, run.best_result, run.splits.val_gt, run.best_detections or [],
+                          run.splits.class_names, metrics_jsonl=run.out / "metrics.jsonl", images=run.splits.val,
+                          image_ids=run.splits.val_image_ids, provenance=final)
+    logger.info(f"best AP {final['AP']:.4f} (AP50 {final['AP50']:.4f}) at epoch {run.best.get('epoch')}; "
+                f"run folder {run.out}")
+    skipped = _skipped_images(run.out / "metrics.jsonl")
+    if skipped:
+        logger.warning(f"{skipped} unreadable or missing images were skipped while training (counted per epoch "
+                       f"in metrics.jsonl; `multibox check-data` names them)")
+        final = {**final, "skipped_images": skipped}
     return final
+
+
+def _skipped_images(metrics_jsonl: Path) -> int:
+    """Images skipped over the whole run, resumed parts included: the sum of the epoch records' counts."""
+    records = (json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip())
+    return sum(int(r.get("skipped_images", 0)) for r in records if r.get("kind") == "epoch")
+
+
+def _evaluate_best_again(run: Run) -> None:
+    """``best.pt``'s result and (rank 0) its report's detections, evaluated again by every rank: for a process that
+    did not evaluate it itself (resumed after it). ``eval.json`` stays as written."""
+    model = build_model(run.cfg).to(run.device)
+    model.load_state_dict(load_checkpoint(run.out / "best.pt", map_location=run.device)["model"])
+    run.best_result, detections = evaluate_model(run.cfg, model, run.splits, run.device, return_detections=True)
+    if run.env.is_main:
+        run.best_detections = detections_for_report(detections)
 
 
 def dry_run_step(run: Run) -> dict:

@@ -174,9 +174,9 @@ def train_step(parts: StepParts, batch, step: int) -> StepOutcome:
     """One batch (images, targets) at global step ``step``: the learning rate from the schedule, targets, forward,
     loss, the global reduction, backward, the non-finite decision and the optimizer step.
 
-    Skipped (no update): a global batch with no readable image, a non-finite loss, or a finite loss whose
-    gradient is not finite (checked after backward, from the total gradient norm; with an fp16 ``scaler`` after
-    unscaling, and the scaler backs off). A skipped step changes nothing: BatchNorm running statistics updated
+    Skipped (no update): a batch with no readable image (or one, where BatchNorm is in training mode), a
+    non-finite loss, or a finite loss whose gradient is not finite (checked after backward, from the total
+    gradient norm; with an fp16 ``scaler`` after unscaling, and the scaler backs off). A skipped step changes nothing: BatchNorm running statistics updated
     by its forward pass are restored.
 
     Data-parallel (``parts.model`` wrapped in DistributedDataParallel): the loss is normalised by the number of
@@ -189,7 +189,7 @@ def train_step(parts: StepParts, batch, step: int) -> StepOutcome:
         group["lr"] = lr
     bn_buffers = _batchnorm_buffers(parts.model)
     saved_bn = [b.clone() for b in bn_buffers]
-    stats, losses = _forward(parts, batch)
+    stats, losses = _forward(parts, batch, min_images=2 if bn_buffers else 1)
     mbdist.all_reduce_sum(stats)
     parts.optimizer.zero_grad(set_to_none=True)
     global_pos = stats[0].clamp(min=1)
@@ -203,14 +203,15 @@ def train_step(parts: StepParts, batch, step: int) -> StepOutcome:
     return StepOutcome(step, lr, means, float(global_pos), int(stats[4].item()), reason, grad_norm)
 
 
-def _forward(parts: StepParts, batch) -> tuple[Tensor, dict | None]:
+def _forward(parts: StepParts, batch, min_images: int = 1) -> tuple[Tensor, dict | None]:
     """This rank's part of the step's statistics, (5,) float64: [positives, summed cls loss, summed loc loss,
     empty batch, unreadable images] (one all-reduce then gives the global values), and the criterion's losses
-    (None for a batch with no image)."""
+    (None for a batch with fewer than ``min_images`` readable images: 2 where BatchNorm computes batch statistics,
+    which one image cannot give on a 1 x 1 feature map)."""
     images, targets = batch
     stats = torch.zeros(5, dtype=torch.float64, device=parts.device)
     stats[4] = int(getattr(batch, "skipped", 0))
-    if not len(targets):
+    if len(targets) < min_images:
         stats[3] = 1
         return stats, None
     images = images.to(parts.device, non_blocking=True)

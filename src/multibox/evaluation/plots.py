@@ -76,13 +76,17 @@ def build_training_figure(train: Sequence[dict[str, Any]], evals: Sequence[dict[
 
     # ---- left: losses and learning rate vs step
     all_losses: list[float] = []
+    last_step = 0.0
     for key, style in zip(_TRAIN_LOSS_KEYS, ("-", "--", ":")):
         xs, ys = _series(train, "step", key)
         if xs:
-            ax_loss.plot(xs, ys, style, label=key, linewidth=1.2 if key == "loss" else 1.0)
+            ax_loss.plot(xs, ys, style, label=key, linewidth=1.2 if key == "loss" else 1.0,
+                         marker="o" if len(xs) == 1 else None)   # a line of one point is not drawn
             all_losses.extend(ys)
+            last_step = max(last_step, xs[-1])
     if all_losses and min(all_losses) > 0:
         ax_loss.set_yscale("log")
+    _count_axis(ax_loss, last_step)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss")
     ax_loss.grid(True, alpha=0.3)
@@ -104,25 +108,38 @@ def build_training_figure(train: Sequence[dict[str, Any]], evals: Sequence[dict[
     else:
         ax_loss.text(0.5, 0.5, "no training records yet", ha="center", va="center", transform=ax_loss.transAxes)
 
-    # ---- right: AP vs epoch
-    plotted = False
+    _plot_evaluations(ax_ap, evals)
+    return fig
+
+
+def _plot_evaluations(ax, evals: Sequence[dict[str, Any]]) -> None:
+    """AP / AP50 (defined values only) vs epoch, with a marker at every evaluation (``train.eval_every``)."""
+    last_epoch = -1.0
     for key, marker in zip(_EVAL_KEYS, ("o", "s")):
         xs, ys = _series(evals, "epoch", key)
         pts = [(x, y) for x, y in zip(xs, ys) if y >= 0]
         if pts:
-            ax_ap.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=key)
-            plotted = True
-    ax_ap.set_xlabel("epoch")
-    ax_ap.set_ylabel("COCO AP")
-    ax_ap.set_title("evaluation")
-    ax_ap.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    ax_ap.grid(True, alpha=0.3)
-    if plotted:
-        ax_ap.set_ylim(bottom=0.0)
-        ax_ap.legend(loc="lower right", fontsize="small")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=key)
+            last_epoch = max(last_epoch, max(p[0] for p in pts))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("COCO AP")
+    ax.set_title("evaluation")
+    ax.grid(True, alpha=0.3)
+    if last_epoch >= 0:
+        _count_axis(ax, last_epoch)
+        ax.set_ylim(bottom=0.0)
+        ax.legend(loc="lower right", fontsize="small")
     else:
-        ax_ap.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax_ap.transAxes)
-    return fig
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
+
+
+def _count_axis(ax, last: float) -> None:
+    """An x axis of whole numbers (steps, epochs) from 0 to ``last`` (at least 1), ticks on whole numbers only:
+    matplotlib's automatic limits around a single point (one epoch) would be 0.945 .. 1.055."""
+    hi = max(1.0, float(last))
+    pad = 0.04 * hi   # the markers at either end stay whole
+    ax.set_xlim(-pad, hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=2))
 
 
 def plot_training_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike) -> Path:

@@ -7,9 +7,12 @@
   each curve is the AP that ``eval.json`` reports;
 - ``confusion_matrix.png``: ground-truth class (rows) vs predicted class (columns), with a background row
   (detections that match no object) and a background column (objects that no detection matches);
-- ``samples.png``: a grid of evaluation images, ground truth next to predictions;
+- ``samples.png``: a grid of evaluation images, ground truth next to the most confident predictions (at most
+  ``SAMPLE_MAX_BOXES`` with score >= ``SAMPLE_SCORE_THRESHOLD``), coloured by class, labels on a filled
+  background; boxes clipped to the image, those with nothing left (negative or zero size) not drawn;
 - ``curves.png``: the training curves (loss, learning rate, AP) when a ``metrics.jsonl`` is given;
-- ``index.html``: the numbers and the pictures on one page (relative links: the folder can be moved or served).
+- ``index.html``: what was evaluated (checkpoint, data, thresholds, evaluator: ``provenance``), the numbers and
+  the pictures on one page (relative links: the folder can be moved or served).
 
 Confusion matrix matching: per image, the detections scoring >= ``score_threshold`` and the non-crowd ground
 truth boxes are paired greedily by descending IoU, class-agnostically, one to one, pairs below
@@ -33,10 +36,14 @@ from multibox.core.boxes import ltwh_to_xyxy
 from multibox.evaluation.coco import STAT_KEYS, CocoEvalResult
 from multibox.io import atomic_write_text
 
-__all__ = ["confusion_matrix", "dataset_image_loader", "plot_confusion_matrix", "plot_pr_curves", "plot_samples",
-           "write_eval_report"]
+__all__ = ["confusion_matrix", "dataset_image_loader", "detections_for_report", "plot_confusion_matrix",
+           "plot_pr_curves", "plot_samples", "samples_figure", "write_eval_report"]
 
-GT_COLOUR = "#00e000"
+# The sample grid: predictions drawn (score at least, most per image); the confusion matrix counts from a lower
+# score. A training run keeps only the detections the report uses (see detections_for_report).
+SAMPLE_SCORE_THRESHOLD = 0.3
+SAMPLE_MAX_BOXES = 15
+CONFUSION_SCORE_THRESHOLD = 0.25
 
 
 # --------------------------------------------------------------------------- helpers
@@ -281,41 +288,88 @@ def _load_samples(load: Callable[[Any], torch.Tensor], ids: Sequence[Any], count
 
 
 def plot_samples(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]], images: Mapping[Any, torch.Tensor],
-                 path: str | os.PathLike, score_threshold: float = 0.25, pairs_per_row: int = 2) -> Path:
-    """For each ``{image id: uint8 (3, H, W) image}``: ground truth (green) on the left, predictions scoring
-    >= ``score_threshold`` on the right (colour by class, with score)."""
+                 path: str | os.PathLike, score_threshold: float = SAMPLE_SCORE_THRESHOLD,
+                 max_boxes: int = SAMPLE_MAX_BOXES, pairs_per_row: int = 2) -> Path:
+    """Write :func:`samples_figure` to ``path`` (PNG); returns ``path``."""
+    return _save(samples_figure(gt, detections, images, score_threshold, max_boxes, pairs_per_row), Path(path))
+
+
+def samples_figure(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]],
+                   images: Mapping[Any, torch.Tensor], score_threshold: float = SAMPLE_SCORE_THRESHOLD,
+                   max_boxes: int = SAMPLE_MAX_BOXES, pairs_per_row: int = 2):
+    """For each ``{image id: uint8 (3, H, W) image}`` two panels: its ground truth (non-crowd) and its
+    ``max_boxes`` highest-scoring predictions with score >= ``score_threshold``. Boxes are coloured by class and
+    labelled on a filled background of that colour (class name; with the score for predictions).
+
+    Boxes are clipped to the image; one with nothing left (a zero, negative or non-finite size, or wholly outside
+    the image, as ``multibox check-data`` warns about) is not drawn, and counted in its panel's title."""
     from matplotlib.figure import Figure
-    from torchvision.utils import draw_bounding_boxes
 
     from multibox.evaluation.visualize import PALETTE
 
     cats = sorted(gt["categories"], key=lambda c: c["id"])
     name = {c["id"]: str(c["name"]) for c in cats}
-    colour = {c["id"]: PALETTE[(i + 1) % len(PALETTE)] for i, c in enumerate(cats)}
+    colour = {c["id"]: PALETTE[i % len(PALETTE)] for i, c in enumerate(cats)}
     gts = _group_by_image(a for a in gt["annotations"] if not a.get("iscrowd", 0))
     dets = _group_by_image(d for d in detections if d["score"] >= score_threshold)
     rows = math.ceil(len(images) / pairs_per_row)
-    fig = Figure(figsize=(6.5 * pairs_per_row, 3.4 * rows), dpi=100, layout="constrained")
+    fig = Figure(figsize=(8.4 * pairs_per_row, 4.4 * rows), dpi=100, layout="constrained")
     axes = np.atleast_2d(fig.subplots(rows, 2 * pairs_per_row, squeeze=False))
     for ax in axes.flat:
         ax.axis("off")
     for n, (image_id, image) in enumerate(images.items()):
         g = gts.get(image_id, [])
         d = sorted(dets.get(image_id, []), key=lambda x: -x["score"])
-        panels = [
-            (g, [name[a["category_id"]] for a in g], [GT_COLOUR] * len(g), f"#{image_id}: ground truth ({len(g)})"),
-            (d, [f"{name[x['category_id']]} {x['score']:.2f}" for x in d], [colour[x["category_id"]] for x in d],
-             f"#{image_id}: predictions ({len(d)})"),
-        ]
-        for p, (items, captions, colours, title) in enumerate(panels):
+        shown = d[:max_boxes]
+        panels = [([(a["bbox"], name[a["category_id"]], colour[a["category_id"]]) for a in g],
+                   f"#{image_id}: ground truth ({len(g)})"),
+                  ([(x["bbox"], f"{name[x['category_id']]} {x['score']:.2f}", colour[x["category_id"]]) for x in shown],
+                   f"#{image_id}: predictions, top {len(shown)} of {len(d)} with score >= {score_threshold:g}")]
+        for p, (items, title) in enumerate(panels):
             ax = axes[n // pairs_per_row, 2 * (n % pairs_per_row) + p]
-            drawn = image
-            if items:
-                boxes = torch.from_numpy(_bboxes_ltwh_to_xyxy([x["bbox"] for x in items])).float()
-                drawn = draw_bounding_boxes(image, boxes, labels=captions, colors=colours, width=2)
-            ax.imshow(drawn.permute(1, 2, 0).numpy())
-            ax.set_title(title, fontsize="small")
-    return _save(fig, Path(path))
+            ax.imshow(image.permute(1, 2, 0).numpy())
+            hidden = _draw_labelled_boxes(ax, items, image.shape[-1], image.shape[-2])
+            ax.set_title(title + (f", {hidden} not drawable" if hidden else ""), fontsize="medium")
+    return fig
+
+
+def _drawable_xyxy(bboxes_ltwh: Sequence[Sequence[float]], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """COCO boxes (ltwh) -> float64 (n, 4) xyxy clipped to the image, and the (n,) mask of those with an area
+    left (a negative or zero size, NaN, or a box wholly outside the image has none)."""
+    xyxy = _bboxes_ltwh_to_xyxy(bboxes_ltwh)
+    with np.errstate(invalid="ignore"):
+        keep = np.isfinite(xyxy).all(axis=1) & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        clipped = np.clip(xyxy, 0, [width, height, width, height])
+    keep &= (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, keep
+
+
+def _text_colour(background: str) -> str:
+    """Black or white on the matplotlib colour ``background``, as predict's pictures choose it."""
+    from matplotlib.colors import to_rgb
+
+    from multibox.evaluation.visualize import text_colour
+
+    rgb = tuple(round(255 * c) for c in to_rgb(background))
+    return "black" if text_colour(rgb) == (0, 0, 0) else "white"
+
+
+def _draw_labelled_boxes(ax, items: Sequence[tuple[Sequence[float], str, str]], width: int, height: int) -> int:
+    """Draw ``(bbox ltwh, label, colour)`` items on ``ax`` over an image of ``width`` x ``height`` pixels; returns
+    how many could not be drawn (see :func:`_drawable_xyxy`)."""
+    from matplotlib.patches import Rectangle
+
+    if not items:
+        return 0
+    xyxy, keep = _drawable_xyxy([bbox for bbox, _, _ in items], width, height)
+    for (x1, y1, x2, y2), (_, label, colour) in zip(xyxy[keep], (it for it, k in zip(items, keep) if k)):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2))
+        # Above the box's top-left corner; inside it when that would leave the image.
+        above = y1 > 0.06 * height
+        ax.text(x1, y1, label, fontsize=9, color=_text_colour(colour), va="bottom" if above else "top",
+                ha="left", clip_on=True,
+                bbox={"boxstyle": "square,pad=0.15", "facecolor": colour, "edgecolor": "none", "alpha": 0.9})
+    return int((~keep).sum())
 
 
 def _sort_key(image_id: Any) -> tuple:
@@ -337,8 +391,47 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or not math.isfinite(value) or value < 0 else f"{value:.3f}"
 
 
+_PROVENANCE_ROWS = (   # (section, key, label) of eval_provenance's record, in the page's order
+    ("checkpoint", "path", "checkpoint"), ("checkpoint", "sha256", "sha256"), ("checkpoint", "epoch", "epoch"),
+    ("data", "source", "data"), ("data", "split", "images used"), ("data", "images", "images"),
+    ("thresholds", "score_threshold", "score threshold"), ("thresholds", "nms_threshold", "NMS IoU threshold"),
+    ("thresholds", "max_per_class", "max detections per class"),
+    ("thresholds", "max_per_image", "max detections per image"), ("thresholds", "pre_nms_top_k", "pre-NMS top k"),
+    ("thresholds", "iou_thresholds", "COCO IoU thresholds"), ("thresholds", "max_detections", "COCO max detections"),
+)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(_cell, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _entry(provenance: Mapping[str, Any], section: str, key: str) -> Any:
+    entries = provenance.get(section)
+    return entries.get(key) if isinstance(entries, Mapping) else None   # an older eval.json: a bare path
+
+
+def _provenance_html(provenance: Mapping[str, Any] | None) -> tuple[str, str]:
+    """(``": <checkpoint> on <data>"`` for the heading, the table of what was evaluated); empty without them."""
+    if not provenance:
+        return "", ""
+    rows = []
+    for section, key, label in _PROVENANCE_ROWS:
+        value = _entry(provenance, section, key)
+        if value is not None:
+            rows.append(f"<tr><th>{html.escape(label)}</th><td>{html.escape(_cell(value))}</td></tr>")
+    if provenance.get("evaluator"):
+        rows.append(f"<tr><th>evaluator</th><td>{html.escape(str(provenance['evaluator']))}</td></tr>")
+    ckpt, data = _entry(provenance, "checkpoint", "path"), _entry(provenance, "data", "source")
+    heading = f": {Path(ckpt).name} on {Path(data).name}" if ckpt and data else ""
+    table = f"<table><caption>evaluated</caption>{''.join(rows)}</table>" if rows else ""
+    return html.escape(heading), table
+
+
 def _html(title: str, result: CocoEvalResult, names: Sequence[str], pictures: Sequence[tuple[str, str]],
-          notes: Sequence[str]) -> str:
+          notes: Sequence[str], provenance: Mapping[str, Any] | None) -> str:
+    heading, evaluated = _provenance_html(provenance)
     at_50, _ = _pr_slices(result)
     with _quiet_nanmean():
         ap50 = np.nanmean(at_50, axis=0)
@@ -352,7 +445,7 @@ def _html(title: str, result: CocoEvalResult, names: Sequence[str], pictures: Se
     note_html = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
     # The inline script records on <body> how many pictures loaded (tests read it from headless Chromium).
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}{heading}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 0 2em 1em 0; }}
@@ -363,9 +456,10 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 .note {{ color: #666; }}
 </style></head>
 <body data-images-loaded="pending">
-<h1>{html.escape(title)}</h1>
+<h1>{html.escape(title)}{heading}</h1>
 <p>{result.num_images} images, {result.num_detections} detections, evaluated with {html.escape(result.backend)}.</p>
 <div class="tables">
+{evaluated}
 <table><caption>COCO metrics</caption>{stats}</table>
 <table><caption>per class</caption><tr><th>class</th><th>AP@[.5:.95]</th><th>AP50</th></tr>{rows}</table>
 </div>
@@ -387,8 +481,9 @@ def write_eval_report(out_dir: str | os.PathLike, result: CocoEvalResult,
                       class_names: Sequence[str] | None = None, metrics_jsonl: str | os.PathLike | None = None,
                       images: ImageSource | None = None,
                       image_root: str | os.PathLike | None = None, image_ids: Iterable[Any] | None = None,
-                      score_threshold: float = 0.25, iou_threshold: float = 0.5, num_samples: int = 8,
-                      title: str = "multibox evaluation") -> dict[str, Path]:
+                      score_threshold: float = CONFUSION_SCORE_THRESHOLD, iou_threshold: float = 0.5,
+                      num_samples: int = 8, title: str = "multibox evaluation",
+                      provenance: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """Write the pictures and ``index.html`` (see the module docstring); returns ``{name: path}`` of the files.
 
     Args:
@@ -403,8 +498,10 @@ def write_eval_report(out_dir: str | os.PathLike, result: CocoEvalResult,
             VOC and packed shards all work); default: ``coco_gt``'s ``file_name`` under ``image_root`` (default:
             the JSON's folder, then its ``images/``).
         image_ids: the evaluated images (e.g. a held-out split); default: every ground-truth image.
-        score_threshold: detections drawn and counted in the confusion matrix.
+        score_threshold: detections counted in the confusion matrix (samples: see :func:`samples_figure`).
         num_samples: images in the sample grid.
+        provenance: what was evaluated, shown at the top of the page: the record of
+            :func:`multibox.evaluation.provenance.eval_provenance` (checkpoint, data, thresholds, evaluator).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -426,9 +523,9 @@ def write_eval_report(out_dir: str | os.PathLike, result: CocoEvalResult,
     load = _image_loader(gt, coco_gt, images, image_root)
     samples = _load_samples(load, ids, num_samples) if load is not None and num_samples > 0 else {}
     if samples:
-        written["samples"] = plot_samples(gt, detections, samples, out / "samples.png", score_threshold)
-        pictures.append(("samples.png", f"Ground truth (left) vs predictions with score >= {score_threshold:g} "
-                                        f"(right)"))
+        written["samples"] = plot_samples(gt, detections, samples, out / "samples.png")
+        pictures.append(("samples.png", f"Ground truth (left) and the {SAMPLE_MAX_BOXES} highest-scoring "
+                                        f"predictions with score >= {SAMPLE_SCORE_THRESHOLD:g} (right), by class"))
     else:
         notes.append("No sample grid: the evaluation images could not be read.")
 
@@ -437,8 +534,16 @@ def write_eval_report(out_dir: str | os.PathLike, result: CocoEvalResult,
         written["curves"] = plot_training_curves(metrics_jsonl, out / "curves.png")
         pictures.append(("curves.png", "Training: loss and learning rate per step, AP per evaluation"))
 
-    written["index"] = atomic_write_text(out / "index.html", _html(title, result, names, pictures, notes))
+    written["index"] = atomic_write_text(out / "index.html", _html(title, result, names, pictures, notes, provenance))
     return written
+
+
+def detections_for_report(detections: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The detections :func:`write_eval_report` uses with its default thresholds (the confusion matrix's and the
+    sample grid's): what a training run keeps of its best evaluation until the report is written. The
+    precision-recall curves come from the result, not from the detections."""
+    floor = min(CONFUSION_SCORE_THRESHOLD, SAMPLE_SCORE_THRESHOLD)
+    return [d for d in detections if d["score"] >= floor]
 
 
 def _display_names(gt: Mapping[str, Any], class_names: Sequence[str] | None) -> list[str]:

@@ -1,12 +1,13 @@
 """An exported multibox model (``multibox export``) run by onnxruntime, with the API of the PyTorch
 :class:`~multibox.inference.detector.Detector`; the graph's inputs and outputs are described in
-:mod:`multibox.export.onnx`."""
+:mod:`multibox.export.onnx`. :func:`multibox.load` gives one for a ``.onnx`` file (:func:`load_onnx`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -14,9 +15,43 @@ from torch import Tensor
 
 from multibox.config import Config
 from multibox.core.postprocess import build_postprocessor
-from multibox.inference.detector import ImageLike, image_batches
+from multibox.errors import InputError, MultiboxError
+from multibox.inference.detector import ImageLike, check_limits, image_batches, with_limits
 
-__all__ = ["OnnxDetector", "resize_for_model"]
+__all__ = ["OnnxDetector", "OnnxModelError", "load_onnx", "resize_for_model"]
+
+log = logging.getLogger(__name__)
+
+
+class OnnxModelError(MultiboxError, ValueError):
+    """An ONNX file that cannot be used: missing, unreadable by onnxruntime, or not written by ``multibox export``."""
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MultiboxError("running an exported model needs onnxruntime: pip install 'multibox[export]' "
+                            "(or: pip install onnxruntime)") from None
+    return onnxruntime
+
+
+def load_onnx(path: str | os.PathLike, device: str = "auto", precision: str | None = None,
+              compile: bool | None = None, threads: int = 0) -> "OnnxDetector":
+    """:class:`OnnxDetector` of an exported model, with the arguments of :func:`multibox.inference.detector.load`:
+    ``device`` "auto" or "cpu" (onnxruntime's CPU provider; "cuda[:i]" needs onnxruntime-gpu). ``precision`` and
+    ``compile`` belong to checkpoints: an exported graph runs in the precision it was exported in."""
+    if precision not in (None, "auto") or compile:
+        raise InputError(f"{path}: precision and compile apply to checkpoints; an exported ONNX model runs as it "
+                         f"was exported")
+    if device in ("auto", "cpu"):
+        providers: list = ["CPUExecutionProvider"]
+    elif device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        index = int(device.partition(":")[2] or 0)
+        providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    else:
+        raise InputError(f"unknown device {device!r} for an ONNX model: auto, cpu or cuda[:i]")
+    return OnnxDetector(path, providers=providers, threads=threads)
 
 
 def resize_for_model(image: Tensor, size: int, resize: str = "antialias") -> Tensor:
@@ -52,18 +87,12 @@ class OnnxDetector:
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0,
                  spin: bool = True):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+        self.session = _session(self.path, providers or ["CPUExecutionProvider"], threads, spin)
         meta = self.session.get_modelmeta().custom_metadata_map
         if "multibox.config" not in meta:
-            raise ValueError(f"{path}: not a multibox export (no multibox.config metadata)")
+            raise OnnxModelError(f"{path}: not a multibox export (no multibox.config metadata; `multibox export` "
+                                 f"writes it)")
         self.cfg = Config.from_dict(json.loads(meta["multibox.config"]))
         self.class_names: list[str] = json.loads(meta["multibox.class_names"])
         self.image_size = int(self.cfg.model.image_size)
@@ -75,6 +104,12 @@ class OnnxDetector:
         self.resize = meta.get("multibox.resize", getattr(self.cfg.data, "resize", "antialias"))
         self.postprocess = None if self.has_postprocess else build_postprocessor(self.cfg)
         self.device = torch.device("cpu")
+        self._warned: set[str] = set()
+
+    @property
+    def score_threshold(self) -> float:
+        """The model's own score threshold, which ``predict(score=None)`` applies (fixed in a graph with NMS)."""
+        return self.postprocess.score_threshold if self.postprocess is not None else self.cfg.eval.score_threshold
 
     def run(self, batch: Tensor) -> list[np.ndarray]:
         """(N, 3, S, S) resized images (uint8 or float, 0..255) -> the graph's raw outputs."""
@@ -82,18 +117,69 @@ class OnnxDetector:
             batch = batch.round().clamp(0, 255).to(torch.uint8)
         return self.session.run(None, {self.input_name: batch.numpy().astype(self.input_dtype, copy=False)})
 
-    def predict(self, images: ImageLike | Sequence[ImageLike], batch_size: int = 16) -> list[dict[str, Tensor]]:
-        """Detections per image: ``boxes`` (K, 4) xyxy in the image's pixels, ``scores`` (K,), ``labels`` (K,)."""
+    def predict(self, images: ImageLike | Iterable[ImageLike], score: float | None = None, *, batch_size: int = 16,
+                max_det: int | None = None) -> list[dict[str, Tensor]]:
+        """Detections per image: ``boxes`` (K, 4) xyxy in the image's pixels, ``scores`` (K,), ``labels`` (K,);
+        the arguments of :meth:`multibox.inference.detector.Detector.predict`.
+
+        A graph with NMS inside has its threshold and K fixed: a higher ``score`` or a smaller ``max_det`` gives
+        exactly what the graph would give with them; a lower threshold or a larger cap cannot be honoured
+        (logged once)."""
+        check_limits(score, max_det)
+        if self.has_postprocess:
+            self._check_limits(score, max_det)
+        else:
+            postprocess = with_limits(self.postprocess, score, max_det)
         results: list[dict[str, Tensor]] = []
         for batch, sizes in image_batches(images, batch_size):
             stacked = torch.stack([resize_for_model(img, self.image_size, self.resize) for img in batch])
             outputs = self.run(stacked)
             if self.has_postprocess:
-                results += _split_fixed(*outputs, sizes)
+                results += [_limit(det, score, max_det) for det in _split_fixed(*outputs, sizes)]
             else:
                 loc, cls_logits, anchors = (torch.from_numpy(o) for o in outputs)
-                results += self.postprocess(loc, cls_logits, anchors, sizes)
+                results += postprocess(loc, cls_logits, anchors, sizes)
         return results
+
+    def _check_limits(self, score: float | None, max_det: int | None) -> None:
+        notes = []
+        if score is not None and score < self.score_threshold:
+            notes.append(f"score threshold {score} is below the exported model's {self.score_threshold}: detections "
+                         f"between the two are not in its output")
+        if max_det is not None and max_det > self.max_detections:
+            notes.append(f"max_det {max_det} exceeds the exported model's {self.max_detections} detections per image")
+        for note in notes:
+            if note not in self._warned:
+                self._warned.add(note)
+                log.warning("%s: %s", self.path, note)
+
+
+def _session(path: Path, providers: Sequence, threads: int, spin: bool):
+    """An onnxruntime session of ``path``; :class:`OnnxModelError` naming the file when onnxruntime cannot read it."""
+    ort = _onnxruntime()
+    if not path.is_file():
+        raise OnnxModelError(f"{path}: no such ONNX model file")
+    available = ort.get_available_providers()
+    missing = [p for p in providers if (p if isinstance(p, str) else p[0]) not in available]
+    if missing:
+        raise InputError(f"onnxruntime has no {missing[0]!r} here (available: {', '.join(available)})")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as err:   # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) carry no base class
+        detail = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise OnnxModelError(f"{path}: not a readable ONNX model ({detail[:300]})") from None
+
+
+def _limit(det: dict[str, Tensor], score: float | None, max_det: int | None) -> dict[str, Tensor]:
+    """One image's detections (sorted by score) above ``score`` and at most ``max_det`` of them."""
+    n = len(det["scores"]) if score is None else int((det["scores"] > score).sum())
+    n = n if max_det is None else min(n, max_det)
+    return {key: value[:n] for key, value in det.items()}
 
 
 def _split_fixed(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, counts: np.ndarray,

@@ -1,97 +1,175 @@
 """``multibox predict``: detect objects in images, folders and videos, with the PyTorch or onnxruntime backend.
 
-Writes into ``--out``:
+Each input is named by its path relative to the deepest folder that holds every input (a folder given counts,
+and a file's own folder): ``cams/a/img.jpg`` and ``cams/b/img.jpg``, given as ``cams``, are ``a/img.jpg`` and
+``b/img.jpg``. A file found twice is predicted once. Writes into ``--out`` (never read as input itself):
 
-- ``detections.json``: COCO results (``bbox`` = [left, top, width, height] in pixels, ``score``, ``category_id``,
-  ``category_name``); ``image_id`` is the image's file stem, or for a video frame its frame index, with
-  ``video`` (the video's file name) and ``time`` (seconds) added;
-- ``images/<stem>.png``: each image with its detections drawn;
-- ``videos/<stem>.mp4``: each video with its detections drawn on every frame (same frame count and rate).
+- ``detections.json`` (written atomically): COCO results (``bbox`` = [left, top, width, height] in pixels,
+  ``score``, ``category_id``, ``category_name``) with ``file``, the input's path as given or found. ``image_id``
+  is a string throughout: an image's relative path (``"a/img.jpg"``), or for a video frame
+  ``"<relative video path>#<frame index>"`` (``"clips/walk.mp4#12"``), which adds ``video`` (its relative path),
+  ``frame`` (the index) and ``time`` (seconds);
+- ``images/<relative path>.png``: each image with its detections drawn (``images/a/img.png``; where two inputs
+  differ only in their suffix, both keep it: ``images/a/img.jpg.png`` and ``images/a/img.png.png``);
+- ``videos/<relative path>.mp4``: each video with its detections drawn on every frame (same frame count and rate).
 
-Filters, applied in this order: the detector's own postprocessing (``--max-det`` sets its per-image cap),
-then ``--score`` (a threshold above the model's own gives exactly what the model would give with it), then
-``--classes``, which filters the final detections (so under a per-image cap an image may keep fewer).
+Inputs that cannot be read -- a damaged image, a video that cannot be opened or decoded, a file named explicitly
+whose suffix is neither an image's nor a video's -- are skipped: each is named, with the reason, in one logged
+warning and listed in the summary; everything else is done and written (a video that fails part-way keeps the
+frames before the failure). :class:`~multibox.errors.InputError` instead for a path that does not exist, an unknown
+suffix as the only input, or when no input at all could be read. In folders, files of other suffixes are ignored.
+
+Filters, applied in this order: the detector's own postprocessing, with ``--score`` as its threshold and
+``--max-det`` as its per-image cap, then ``--classes``, which filters the final detections (so under a per-image
+cap an image may keep fewer). ``--score`` defaults to :data:`DISPLAY_SCORE`, or the model's own
+``eval.score_threshold`` where that is higher: the evaluation threshold is low, right for mAP, and would draw some
+hundred boxes per picture.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
-import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from multibox.errors import InputError
-from multibox.io import progress_bar
-from multibox.inference.video import VIDEO_SUFFIXES
+from multibox.errors import InputError, MultiboxError
+from multibox.io import atomic_write_text, progress_bar
+from multibox.inference.video import VIDEO_SUFFIXES, VideoError
 
-__all__ = ["IMAGE_SUFFIXES", "DetectionFilter", "collect_inputs", "load_detector", "run_predict"]
+__all__ = ["DISPLAY_SCORE", "IMAGE_SUFFIXES", "Inputs", "Skipped", "collect_inputs", "display_score",
+           "load_detector", "output_names", "run_predict"]
+
+log = logging.getLogger(__name__)
+
+# The default --score: the boxes a person wants to see. Evaluation keeps the model's eval.score_threshold.
+DISPLAY_SCORE = 0.3
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def collect_inputs(inputs: Sequence[str | Path]) -> tuple[list[Path], list[Path]]:
-    """Split files and folders (searched recursively, sorted) into (images, videos).
+@dataclass(frozen=True)
+class Skipped:
+    """An input left out: its path (as given or found) and why, in a few words."""
 
-    A file named explicitly is a video if its suffix is a video suffix, else an image.
+    path: str
+    reason: str
+
+
+def _skip(path: str | Path, reason: str) -> Skipped:
+    log.warning("%s: skipped: %s", path, reason)
+    return Skipped(str(path), reason)
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    """Absolute and normalised (``..`` folded), symbolic links kept: the name the user sees."""
+    return Path(os.path.abspath(path))
+
+
+@dataclass
+class Inputs:
+    """What :func:`collect_inputs` found: images and videos (paths as given or found), the deepest folder holding
+    every input (``root``, absolute), and the inputs skipped."""
+
+    images: list[Path]
+    videos: list[Path]
+    root: Path
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def relative(self, path: Path) -> Path:
+        """``path`` relative to :attr:`root`: its name in the outputs."""
+        return _absolute(path).relative_to(self.root)
+
+
+def collect_inputs(inputs: Sequence[str | Path], exclude: str | Path | None = None) -> Inputs:
+    """Files and folders (searched recursively, sorted, leaving out anything under ``exclude``) -> :class:`Inputs`.
+
+    A file named explicitly whose suffix is neither an image's nor a video's is skipped with a warning, or is an
+    :class:`InputError` when it is the only input; so is a path that does not exist, or finding nothing at all.
     """
-    images: list[Path] = []
-    videos: list[Path] = []
-    for item in map(Path, inputs):
+    items = [Path(item) for item in inputs]
+    excluded = _absolute(exclude) if exclude is not None else None
+    found = Inputs([], [], _common_folder(items))
+    seen: set[Path] = set()
+    known = IMAGE_SUFFIXES | VIDEO_SUFFIXES
+    for item in items:
         if item.is_dir():
-            for p in sorted(item.rglob("*")):
-                suffix = p.suffix.lower()
-                if suffix in IMAGE_SUFFIXES:
-                    images.append(p)
-                elif suffix in VIDEO_SUFFIXES:
-                    videos.append(p)
+            paths = [p for p in sorted(item.rglob("*")) if p.suffix.lower() in known and p.is_file()
+                     and not (excluded is not None and excluded in _absolute(p).parents)]
+        elif item.is_file() and item.suffix.lower() in known:
+            paths = [item]
         elif item.is_file():
-            (videos if item.suffix.lower() in VIDEO_SUFFIXES else images).append(item)
+            reason = f"not an image or video file (suffix {item.suffix or 'none'!r})"
+            if len(items) == 1:
+                raise InputError(f"{item}: {reason}; images: {' '.join(sorted(IMAGE_SUFFIXES))}; videos: "
+                                 f"{' '.join(sorted(VIDEO_SUFFIXES))}")
+            found.skipped.append(_skip(item, reason))
+            continue
         else:
             raise InputError(f"{item}: no such file or folder")
-    if not images and not videos:
+        for path in paths:
+            if _absolute(path) not in seen:
+                seen.add(_absolute(path))
+                (found.videos if path.suffix.lower() in VIDEO_SUFFIXES else found.images).append(path)
+    if not found.images and not found.videos:
+        if found.skipped:
+            raise _nothing_read(found.skipped)
         raise InputError("no images or videos found in " + ", ".join(map(str, inputs)))
-    return images, videos
+    return found
+
+
+def _common_folder(items: Sequence[Path]) -> Path:
+    """The deepest folder holding every item: a folder item itself, a file's own folder."""
+    folders = [_absolute(item) if item.is_dir() else _absolute(item).parent for item in items]
+    return Path(os.path.commonpath(folders))
+
+
+def _nothing_read(skipped: Sequence[Skipped]) -> InputError:
+    listed = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return InputError(f"no input could be read ({listed}{more})")
+
+
+def output_names(relative: Sequence[Path], suffix: str) -> list[Path]:
+    """Inputs' relative paths -> distinct output paths ending in ``suffix``: the input's suffix replaced
+    (``a/img.jpg`` -> ``a/img.png``), or kept and ``suffix`` appended where replacing would make two alike
+    (``a/img.jpg``, ``a/img.png`` -> ``a/img.jpg.png``, ``a/img.png.png``)."""
+    replaced = [rel.with_suffix(suffix) for rel in relative]
+    counts = Counter(replaced)
+    names = [rel.with_name(rel.name + suffix) if counts[new] > 1 else new for rel, new in zip(relative, replaced)]
+    if len(set(names)) < len(names):   # an input already named like another's output: append everywhere
+        names = [rel.with_name(rel.name + suffix) for rel in relative]
+    return names
 
 
 def load_detector(model_path: str | Path, backend: str = "auto", device: str = "auto", threads: int = 0,
                   precision: str | None = None, compile_: bool | None = None):
     """A :class:`multibox.inference.detector.Detector` (``backend="torch"``, a ``.pt`` checkpoint) or a
     :class:`multibox.inference.onnx.OnnxDetector` (``backend="onnxruntime"``, an exported ``.onnx`` file).
-    ``auto`` picks by the file's suffix; ``precision`` and ``compile_`` apply to the torch backend."""
+    ``auto`` picks by the file (:func:`multibox.inference.detector.model_format`); ``precision`` and ``compile_``
+    apply to the torch backend."""
+    from multibox.inference.detector import load, model_format
+
     path = Path(model_path)
     if backend == "auto":
-        backend = "onnxruntime" if path.suffix.lower() == ".onnx" else "torch"
+        backend = "onnxruntime" if model_format(path) == "onnx" else "torch"
     if backend == "onnxruntime":
-        from multibox.inference.onnx import OnnxDetector
-        return OnnxDetector(path, threads=threads)
+        from multibox.inference.onnx import load_onnx
+        return load_onnx(path, device, precision, compile_, threads=threads)
     if backend == "torch":
-        from multibox.inference.detector import load
         return load(path, device, precision, compile_)
-    raise ValueError(f"unknown backend {backend!r}")
+    raise InputError(f"unknown backend {backend!r}: auto, torch or onnxruntime")
 
 
-@dataclass
-class DetectionFilter:
-    """Applies ``--score``, ``--classes`` and ``--max-det`` to one image's detections (sorted by score)."""
-
-    score: float | None = None
-    labels: frozenset[int] | None = None
-    max_det: int | None = None
-
-    def __call__(self, det: dict[str, Tensor]) -> dict[str, Tensor]:
-        keep = torch.ones_like(det["scores"], dtype=torch.bool)
-        if self.score is not None:
-            keep &= det["scores"] > self.score
-        if self.labels is not None:
-            keep &= torch.isin(det["labels"], torch.tensor(sorted(self.labels), dtype=det["labels"].dtype))
-        det = {k: v[keep] for k, v in det.items()}
-        if self.max_det is not None:
-            det = {k: v[:self.max_det] for k, v in det.items()}
-        return det
+def display_score(detector, score: float | None) -> float:
+    """``score``, or by default :data:`DISPLAY_SCORE` -- the model's own threshold where that is higher."""
+    return score if score is not None else max(DISPLAY_SCORE, detector.score_threshold)
 
 
 def parse_classes(spec: Sequence[str] | None, class_names: Sequence[str]) -> frozenset[int] | None:
@@ -112,24 +190,12 @@ def parse_classes(spec: Sequence[str] | None, class_names: Sequence[str]) -> fro
     return frozenset(labels)
 
 
-def configure(detector, score: float | None, max_det: int | None) -> None:
-    """Push ``--score`` / ``--max-det`` into the detector's postprocessing where it has one in PyTorch, so the
-    per-image cap is applied where the model applies it. An exported graph's threshold and K are fixed: a lower
-    score threshold or a larger K than the export's cannot be honoured (warned)."""
-    pp = getattr(detector, "postprocess", None)
-    if pp is not None:
-        if score is not None:
-            pp.score_threshold = score
-        if max_det is not None:
-            pp.max_per_image = max_det
-        return
-    baked_score = detector.cfg.eval.score_threshold
-    if score is not None and score < baked_score:
-        warnings.warn(f"--score {score} is below the exported model's threshold {baked_score}: "
-                      f"detections between the two are not in the model's output", stacklevel=2)
-    if max_det is not None and max_det > detector.max_detections:
-        warnings.warn(f"--max-det {max_det} exceeds the exported model's {detector.max_detections} detections per "
-                      f"image", stacklevel=2)
+def keep_classes(det: dict[str, Tensor], labels: frozenset[int] | None) -> dict[str, Tensor]:
+    """One image's detections of the classes ``labels`` (None: all)."""
+    if labels is None:
+        return det
+    keep = torch.isin(det["labels"], torch.tensor(sorted(labels), dtype=det["labels"].dtype))
+    return {k: v[keep] for k, v in det.items()}
 
 
 def coco_results(det: dict[str, Tensor], image_id, class_names: Sequence[str], **extra) -> list[dict]:
@@ -142,6 +208,7 @@ def coco_results(det: dict[str, Tensor], image_id, class_names: Sequence[str], *
 def save_png(image: Tensor, path: Path) -> None:
     """(3, H, W) uint8 -> PNG file (PIL: torchvision's image encoders are deprecated)."""
     from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(path)
 
 
@@ -156,61 +223,108 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def run_predict(detector, inputs: Sequence[str | Path], out: str | Path, score: float | None = None,
-                classes: Sequence[str] | None = None, max_det: int | None = None, batch_size: int = 8,
-                progress: bool = True, draw: bool = True) -> dict:
-    """Predict on images, folders and videos; write ``detections.json``, ``images/`` and ``videos/`` into ``out``.
+def _reason(path: str | Path, err: Exception) -> str:
+    """Why ``path`` could not be read, without its name (the warning names it once)."""
+    text, prefix = str(err), f"{path}: "
+    if text.startswith(prefix):
+        return text[len(prefix):]
+    return getattr(err, "strerror", None) or text or type(err).__name__
 
-    Returns a summary: ``images``, ``frames``, ``detections``, ``seconds``, ``images_per_second``.
-    """
-    from multibox.data.coco import read_image_rgb
-    from multibox.inference.video import VideoWriter, read_frames, video_info
-    from multibox.evaluation.visualize import draw_detections
 
-    out = Path(out)
-    image_paths, video_paths = collect_inputs(inputs)
-    configure(detector, score, max_det)
-    keep = DetectionFilter(score, parse_classes(classes, detector.class_names), max_det)
-    names = detector.class_names
-    infos = {p: video_info(p) for p in video_paths}
-    total = len(image_paths) + sum(info.num_frames for info in infos.values())
-    results: list[dict] = []
-    t0 = time.perf_counter()
-    bar = progress_bar(total=total or None, enabled=progress, unit="img", desc="predict")
-    done = 0
-    if image_paths and draw:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-    for batch in _batches(image_paths, batch_size):
-        frames = [read_image_rgb(p) for p in batch]
-        for path, image, det in zip(batch, frames, detector.predict(frames, batch_size=batch_size)):
-            det = keep(det)
-            results += coco_results(det, path.stem, names)
-            if draw:
-                save_png(draw_detections(image, det, names), out / "images" / f"{path.stem}.png")
-        done += len(batch)
-        bar.update(len(batch))
-    frames_done = 0
-    for path in video_paths:
-        info = infos[path]
-        writer = VideoWriter(out / "videos" / f"{path.stem}.mp4", info.fps, info.width, info.height) if draw else None
+class _Predictor:
+    """One :func:`run_predict`: predicts images and videos, collects the results and the inputs skipped, draws."""
+
+    def __init__(self, detector, out: Path, score: float, max_det: int | None, labels: frozenset[int] | None,
+                 draw: bool, batch_size: int, skipped: list[Skipped]):
+        self.detector, self.out, self.score, self.max_det, self.labels = detector, out, score, max_det, labels
+        self.draw, self.batch_size, self.skipped = draw, batch_size, skipped
+        self.names = detector.class_names
+        self.results: list[dict] = []
+        self.images = self.frames = self.videos = 0
+
+    def detect(self, frames: list[Tensor]) -> list[dict[str, Tensor]]:
+        dets = self.detector.predict(frames, self.score, batch_size=self.batch_size, max_det=self.max_det)
+        return [keep_classes(det, self.labels) for det in dets]
+
+    def predict_images(self, found: Inputs, bar) -> None:
+        from multibox.data.coco import read_image_rgb
+        from multibox.evaluation.visualize import draw_detections
+
+        relative = [found.relative(path) for path in found.images]
+        for batch in _batches(zip(found.images, relative, output_names(relative, ".png")), self.batch_size):
+            readable = []
+            for path, rel, png in batch:
+                try:
+                    readable.append((path, rel, png, read_image_rgb(path)))
+                except OSError as err:   # multibox.data.coco.ImageDecodeError, or the file is gone / not readable
+                    self.skipped.append(_skip(path, _reason(path, err)))
+            dets = self.detect([image for *_, image in readable]) if readable else []
+            for (path, rel, png, image), det in zip(readable, dets):
+                self.results += coco_results(det, rel.as_posix(), self.names, file=str(path))
+                if self.draw:
+                    save_png(draw_detections(image, det, self.names), self.out / "images" / png)
+            self.images += len(readable)
+            bar.update(len(batch))
+
+    def predict_video(self, path: Path, rel: Path, mp4: Path, info, bar) -> None:
+        """Every frame of one video; the drawn video is opened at the first frame (none for a video that has none)."""
+        from multibox.evaluation.visualize import draw_detections
+        from multibox.inference.video import VideoWriter, read_frames
+
+        writer = None
         try:
-            for batch in _batches(read_frames(path), batch_size):
-                dets = detector.predict([frame for _, _, frame in batch], batch_size=batch_size)
-                for (index, seconds, frame), det in zip(batch, dets):
-                    det = keep(det)
-                    results += coco_results(det, index, names, video=path.name, time=round(seconds, 4))
+            for batch in _batches(read_frames(path), self.batch_size):
+                if writer is None and self.draw:
+                    writer = VideoWriter(self.out / "videos" / mp4, info.fps, info.width, info.height)
+                for (index, seconds, frame), det in zip(batch, self.detect([frame for *_, frame in batch])):
+                    self.results += coco_results(det, f"{rel.as_posix()}#{index}", self.names, file=str(path),
+                                                 video=rel.as_posix(), frame=index, time=round(seconds, 4))
                     if writer is not None:
-                        writer.write(draw_detections(frame, det, names))
-                frames_done += len(batch)
+                        writer.write(draw_detections(frame, det, self.names))
+                self.frames += len(batch)
                 bar.update(len(batch))
+            self.videos += 1
+        except VideoError as err:   # the frames before the failure are kept
+            self.skipped.append(_skip(path, _reason(path, err)))
         finally:
             if writer is not None:
                 writer.close()
+
+
+def run_predict(detector, inputs: Sequence[str | Path], out: str | Path, score: float | None = None,
+                classes: Sequence[str] | None = None, max_det: int | None = None, batch_size: int = 8,
+                progress: bool = True, draw: bool = True) -> dict:
+    """Predict on images, folders and videos; write ``detections.json``, ``images/`` and ``videos/`` into ``out``
+    (see the module's documentation). ``score`` None: :func:`display_score`.
+
+    Returns a summary: ``images``, ``frames``, ``videos`` (read), ``detections``, ``skipped`` (``{"path",
+    "reason"}`` per input left out), ``seconds``, ``images_per_second``.
+    """
+    from multibox.inference.video import video_info
+
+    out = Path(out)
+    found = collect_inputs(inputs, exclude=out)
+    run = _Predictor(detector, out, display_score(detector, score), max_det,
+                     parse_classes(classes, detector.class_names), draw, batch_size, found.skipped)
+    infos = {}
+    for path in found.videos:
+        try:
+            infos[path] = video_info(path)
+        except MultiboxError as err:   # VideoError, or no PyAV: the images are still done
+            found.skipped.append(_skip(path, _reason(path, err)))
+    t0 = time.perf_counter()
+    bar = progress_bar(total=len(found.images) + sum(i.num_frames for i in infos.values()) or None,
+                       enabled=progress, unit="img", desc="predict")
+    run.predict_images(found, bar)
+    relative = [found.relative(path) for path in infos]
+    for (path, info), rel, mp4 in zip(infos.items(), relative, output_names(relative, ".mp4")):
+        run.predict_video(path, rel, mp4, info, bar)
     bar.close()
+    if not (run.images or run.frames or run.videos):
+        raise _nothing_read(found.skipped)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "detections.json").write_text(json.dumps(results))
+    atomic_write_text(out / "detections.json", json.dumps(run.results))
     seconds = time.perf_counter() - t0
-    count = done + frames_done
-    summary = {"images": done, "frames": frames_done, "videos": len(video_paths), "detections": len(results),
-               "seconds": round(seconds, 3), "images_per_second": round(count / max(seconds, 1e-9), 2)}
-    return summary
+    return {"images": run.images, "frames": run.frames, "videos": run.videos, "detections": len(run.results),
+            "skipped": [asdict(s) for s in found.skipped], "seconds": round(seconds, 3),
+            "images_per_second": round((run.images + run.frames) / max(seconds, 1e-9), 2)}

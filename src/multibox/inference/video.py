@@ -1,6 +1,8 @@
 """Reading and writing videos frame by frame with PyAV (FFmpeg's libraries; ``pip install 'multibox[video]'``).
 
-Frames are uint8 (3, H, W) RGB tensors, as images everywhere else in multibox.
+Frames are uint8 (3, H, W) RGB tensors, as images everywhere else in multibox. A video that cannot be opened or
+decoded raises :class:`VideoError` naming the file; without PyAV, reading or writing raises
+:class:`~multibox.errors.MultiboxError`.
 """
 from __future__ import annotations
 
@@ -14,18 +16,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["VIDEO_SUFFIXES", "VideoInfo", "VideoWriter", "is_video", "read_frames", "video_info"]
+from multibox.errors import MultiboxError
+
+__all__ = ["VIDEO_SUFFIXES", "VideoError", "VideoInfo", "VideoWriter", "is_video", "read_frames", "video_info"]
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts"}
+
+
+class VideoError(MultiboxError, OSError):
+    """A video file that cannot be opened (not a video, no video stream, missing) or decoded to its end."""
 
 
 def _av():
     try:
         import av
     except ImportError:
-        raise RuntimeError("reading and writing videos needs PyAV: pip install 'multibox[video]' "
-                           "(or: pip install av)") from None
+        raise MultiboxError("reading and writing videos needs PyAV: pip install 'multibox[video]' "
+                            "(or: pip install av)") from None
     return av
+
+
+def _why(err: Exception) -> str:
+    """FFmpeg's own words for a failure (its messages repeat the file name, which ours already give)."""
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
 def is_video(path: str | os.PathLike) -> bool:
@@ -42,25 +55,42 @@ class VideoInfo:
     num_frames: int
 
 
+def _open(av, path: str | os.PathLike):
+    """(container, its first video stream); :class:`VideoError` when the file has none or is no video."""
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as err:
+        raise VideoError(f"{path}: cannot open video ({_why(err)})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(f"{path}: cannot open video (no video stream)")
+    return container, container.streams.video[0]
+
+
 def video_info(path: str | os.PathLike) -> VideoInfo:
-    av = _av()
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+    container, stream = _open(_av(), path)
+    with container:
         fps = stream.average_rate or stream.guessed_rate or Fraction(25)
         return VideoInfo(int(stream.codec_context.width), int(stream.codec_context.height), Fraction(fps),
                          int(stream.frames or 0))
 
 
 def read_frames(path: str | os.PathLike) -> Iterator[tuple[int, float, Tensor]]:
-    """Yield ``(frame index, time in seconds, uint8 (3, H, W) RGB frame)`` in presentation order."""
+    """Yield ``(frame index, time in seconds, uint8 (3, H, W) RGB frame)`` in presentation order.
+
+    Raises :class:`VideoError` when decoding fails part-way (the frames before it have been yielded)."""
     av = _av()
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
+    container, stream = _open(av, path)
+    index = -1
+    with container:
         stream.thread_type = "AUTO"      # frame-parallel decoding; the order of yielded frames is unchanged
-        for index, frame in enumerate(container.decode(stream)):
-            seconds = float(frame.time) if frame.time is not None else float("nan")
-            rgb = frame.to_ndarray(format="rgb24")                       # (H, W, 3) uint8
-            yield index, seconds, torch.from_numpy(rgb).permute(2, 0, 1)
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                seconds = float(frame.time) if frame.time is not None else float("nan")
+                rgb = frame.to_ndarray(format="rgb24")                       # (H, W, 3) uint8
+                yield index, seconds, torch.from_numpy(rgb).permute(2, 0, 1)
+        except av.FFmpegError as err:
+            raise VideoError(f"{path}: cannot decode video after {index + 1} frames ({_why(err)})") from None
 
 
 class VideoWriter:
