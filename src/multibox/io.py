@@ -1,5 +1,5 @@
 """Output that must not mislead: atomic file writes (a reader, or a crash, a kill, a full disk mid-write, never
-sees a partial file) and progress bars that appear on a terminal only.
+sees a partial file), progress bars that appear on a terminal only, and the sha256 of a file.
 
 Every writer goes the same way: a temporary file in the destination's own folder (``.{name}.XXXX.tmp``, so the
 final rename never crosses a file system), write, flush, fsync, :func:`os.replace` over the destination, fsync
@@ -14,13 +14,14 @@ Foundation layer: imports only the standard library (and tqdm when a bar is aske
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "progress_bar",
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "file_sha256", "progress_bar",
            "remove_leftover_temporaries"]
 
 
@@ -121,3 +122,12 @@ def progress_bar(iterable=None, enabled: bool = True, **tqdm_kwargs):
 
     on_terminal = sys.stderr is not None and sys.stderr.isatty()
     return tqdm(iterable, disable=not (enabled and on_terminal), dynamic_ncols=True, **tqdm_kwargs)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The hex sha256 of the file's bytes, read in ``chunk``-byte blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -226,7 +226,8 @@ def _require_images(cfg: Config, train_full: DetectionDataset, train_idx: list[i
     for role, dataset, indices in (("training", train_full, train_idx), ("evaluation", val_full, val_idx)):
         if not indices:
             raise InputError(f"{dataset.source_name}: no images for {role}: {_why_empty(cfg, dataset, role)}")
-    missing = {id(d): set(d.missing_images(range(len(d)))) for d in (train_full, val_full)}
+    sources = {id(d): d for d in (train_full, val_full)}   # a held-out split: one source, looked at once
+    missing = {key: set(d.missing_images(range(len(d)))) for key, d in sources.items()}
     for role, dataset, indices in (("training", train_full, train_idx), ("evaluation", val_full, val_idx)):
         gone = missing[id(dataset)]
         if gone.issuperset(indices):
@@ -234,8 +235,8 @@ def _require_images(cfg: Config, train_full: DetectionDataset, train_idx: list[i
                              f"({_examples(dataset, sorted(indices))}; looked under {dataset.image_locations()})"
                              + ("; point data.image_root at the folder that holds them (--set data.image_root=DIR)"
                                 if isinstance(dataset, CocoDetection) else ""))
-    for dataset in {id(d): d for d in (train_full, val_full)}.values():
-        gone = sorted(missing[id(dataset)])
+    for key, dataset in sources.items():
+        gone = sorted(missing[key])
         if gone:
             log.warning("%s: %d of its %d images not found (%s; looked under %s): skipped in training and "
                         "evaluation; `multibox check-data %s` lists every problem", dataset.source_name, len(gone),

@@ -679,9 +679,9 @@ class CocoDetection(DetectionDataset):
         report = LoadReport()
         categories, records = index_coco(coco, report)
         if not keep_empty:
-            kept = [r for r in records if has_training_box(r)]
-            report.note("empty_images_dropped", [r.image_id for r in records if not has_training_box(r)])
-            records = kept
+            usable = [has_training_box(r) for r in records]
+            report.note("empty_images_dropped", [r.image_id for r, u in zip(records, usable) if not u])
+            records = [r for r, u in zip(records, usable) if u]
         self._init_index(categories, records, transform, report)
         self._root_hint: Path | None = None
 

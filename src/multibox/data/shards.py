@@ -48,7 +48,7 @@ from multibox.core.boxes import ltwh_to_xyxy
 from multibox.data.coco import DetectionDataset, ImageDecodeError, ImageRecord, decode_image_rgb
 from multibox.data.policy import CONVERT_DROPS, LoadReport, has_training_box
 from multibox.errors import MultiboxError
-from multibox.io import atomic_path, atomic_write_text, remove_leftover_temporaries
+from multibox.io import atomic_path, atomic_write_text, file_sha256, remove_leftover_temporaries
 
 __all__ = ["FORMAT", "SCHEMA", "ShardDataset", "ShardError", "convert_dataset", "convert_source", "is_shard_dir"]
 
@@ -115,14 +115,6 @@ def _check_manifest(manifest: object, root: Path) -> None:
 
 def is_shard_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- writing
@@ -256,7 +248,7 @@ def _previous_shards(out: Path) -> dict[str, dict]:
 def _reusable(old: dict | None, plan: str, path: Path) -> bool:
     """Whether the earlier run's shard at ``path`` holds exactly what ``plan`` would write (size and checksum)."""
     return bool(old and old.get("plan") == plan and path.is_file() and path.stat().st_size == old.get("bytes")
-                and _sha256_file(path) == old.get("sha256"))
+                and file_sha256(path) == old.get("sha256"))
 
 
 def _pack_shard(src: DetectionDataset, indices: list[int], stream: Iterator[bytes] | None, check_images: bool,
@@ -271,7 +263,7 @@ def _pack_shard(src: DetectionDataset, indices: list[int], stream: Iterator[byte
     table = _shard_table(src, [i for i, _ in kept], [b for _, b in kept])
     _write_shard(path, table)
     return {"file": path.name, "rows": table.num_rows, "bytes": path.stat().st_size,
-            "sha256": _sha256_file(path), "plan": plan, "skipped": skipped,
+            "sha256": file_sha256(path), "plan": plan, "skipped": skipped,
             "annotations": sum(len(src.records[i].ann_ids) for i, _ in kept)}
 
 
@@ -428,7 +420,7 @@ class ShardDataset(DetectionDataset):
     def verify_shard(self, k: int) -> None:
         """Compare shard ``k``'s sha256 with the manifest (raises :class:`ShardError`)."""
         path = self.shard_path(k)
-        digest = _sha256_file(path)
+        digest = file_sha256(path)
         if digest != self.shards[k]["sha256"]:
             raise ShardError(f"{path}: checksum mismatch (sha256 {digest[:12]}..., manifest "
                              f"{self.shards[k]['sha256'][:12]}...): the shard is corrupted; re-run `multibox convert`")

@@ -28,21 +28,13 @@ from multibox.config import Config
 from multibox.data.build import DataSplits
 from multibox.errors import InputError
 from multibox.evaluation.coco import CocoEvalResult
+from multibox.io import file_sha256
 
 __all__ = ["check_replaceable", "checkpoint_record", "data_record", "eval_destination", "eval_provenance",
-           "evaluation_data_key", "file_sha256", "run_checkpoint_record"]
+           "evaluation_data_key", "run_checkpoint_record"]
 
 # pycocotools' maxDets, behind eval.json's AR1 / AR10 / AR100 (and AP: at most 100 detections per image).
 COCO_MAX_DETECTIONS = (1, 10, 100)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """The hex sha256 of the file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_record(path: str | os.PathLike, epoch: int | None = None) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from multibox.core.boxes import ltwh_to_xyxy
+from multibox.data.policy import BOX_CLIPPED, classify_boxes
 from multibox.evaluation.coco import STAT_KEYS, CocoEvalResult
 from multibox.io import atomic_write_text
 
@@ -335,12 +336,11 @@ def samples_figure(gt: Mapping[str, Any], detections: Sequence[Mapping[str, Any]
 
 def _drawable_xyxy(bboxes_ltwh: Sequence[Sequence[float]], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
     """COCO boxes (ltwh) -> float64 (n, 4) xyxy clipped to the image, and the (n,) mask of those with an area
-    left (a negative or zero size, NaN, or a box wholly outside the image has none)."""
-    xyxy = _bboxes_ltwh_to_xyxy(bboxes_ltwh)
+    left: the boxes training keeps (:func:`multibox.data.policy.classify_boxes`; a negative or zero size, NaN, or
+    a box wholly outside the image has none)."""
+    keep = classify_boxes(bboxes_ltwh, width, height) <= BOX_CLIPPED
     with np.errstate(invalid="ignore"):
-        keep = np.isfinite(xyxy).all(axis=1) & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-        clipped = np.clip(xyxy, 0, [width, height, width, height])
-    keep &= (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        clipped = np.clip(_bboxes_ltwh_to_xyxy(bboxes_ltwh), 0, [width, height, width, height])
     return clipped, keep
 
 

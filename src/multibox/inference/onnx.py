@@ -127,7 +127,7 @@ class OnnxDetector:
         (logged once)."""
         check_limits(score, max_det)
         if self.has_postprocess:
-            self._check_limits(score, max_det)
+            self._warn_unhonoured(score, max_det)
         else:
             postprocess = with_limits(self.postprocess, score, max_det)
         results: list[dict[str, Tensor]] = []
@@ -141,7 +141,8 @@ class OnnxDetector:
                 results += postprocess(loc, cls_logits, anchors, sizes)
         return results
 
-    def _check_limits(self, score: float | None, max_det: int | None) -> None:
+    def _warn_unhonoured(self, score: float | None, max_det: int | None) -> None:
+        """Log, once each, a threshold below or a cap above the ones fixed in the graph."""
         notes = []
         if score is not None and score < self.score_threshold:
             notes.append(f"score threshold {score} is below the exported model's {self.score_threshold}: detections "
