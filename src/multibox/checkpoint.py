@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read without unpickling arbitrary objects.
 
 A checkpoint is a dict of plain types and tensors: ``format``, ``version``, ``model`` (state dict), ``config``
-(the resolved config as a dict), ``class_names`` and, for training checkpoints (``last.pt``, see
+(the resolved config as a dict), ``class_names`` (index 0 = background), ``category_ids`` (the data's COCO
+``category_id`` of labels 1..C, :mod:`multibox.data.categories`) and, for training checkpoints (``last.pt``, see
 :mod:`multibox.engine.fit`), ``optimizer``, ``scaler`` (fp16 loss scaling, or None), ``epoch`` (epochs completed),
 ``step`` (next global step), ``progress`` (the position inside the epoch and its running sums, the non-finite
 counter), ``best``, ``rng`` (torch / python / CUDA states, every rank's under ``per_rank``) and the batch geometry

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from multibox.errors import MultiboxError
+from multibox.io import atomic_write_text
 
 
 class ConfigError(MultiboxError, ValueError):
@@ -41,7 +42,12 @@ class ModelConfig:
     dropout: float = 0.5                   # after fc6/fc7 (VGG)
     init: str = "truncated_normal"         # truncated_normal (σ = 0.02, tutorial) | kaiming
     class_prior: float | None = None       # initial object probability of the sigmoid cls heads (RetinaNet: 0.01)
-    backbone_weights: str | None = None
+    # --- what a new training run starts from (multibox.models.published); a resumed run reads its last.pt only
+    backbone_weights: str | None = None    # ImageNet trunk: a published name (vgg16_features) or a file
+    weights: str | None = None             # --weights: a published name (ssd300_vgg16_coco, ...) or a file (a
+                                           # torchvision ssd300_vgg16 state dict, a multibox checkpoint)
+    from_scratch: bool = False             # random initialisation: no backbone_weights / weights needed
+    trainable_backbone_layers: int | None = None   # VGG16 stages trained; null: 4 when pretrained, else 5
 
 
 @dataclass
@@ -78,13 +84,13 @@ class DataConfig:
     synth_val_images: int = 200
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN_255))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD_255))
-    crop_rule: str = "tutorial"            # tutorial | paper | none
+    crop_rule: str = "tutorial"            # tutorial | paper (reference rule: torchvision's RandomIoUCrop) | none
     flip_p: float = 0.5
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4])
     num_workers: int = 2
     # --- the paper's augmentation and torchvision's preprocessing (data/transforms.py)
     resize: str = "antialias"              # antialias (uint8, antialiased) | torchvision (float bilinear, no antialias)
-    photometric: bool = False              # the paper's photometric distortion (brightness, contrast, saturation, hue)
+    photometric: bool = False              # photometric distortion as torchvision's RandomPhotometricDistort
     zoom_out: float = 0.0                  # largest zoom-out ("expand") ratio; <= 1 disables (paper: 4)
     zoom_out_p: float = 0.5                # probability of a zoom-out when enabled
     # --- sources (data/build.py): `path` / `val_path` = COCO JSON | VOC folder | packed-shard folder | "synth"
@@ -102,8 +108,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60
-    batch_size: int = 5
+    epochs: int | str = 60                 # or "auto": sized by the data (about auto_images images seen)
+    time: float | None = None              # minutes for the whole run (`--time 15m`): epochs fitted to it
+    auto_images: int = 30000               # epochs: auto -> ceil(auto_images / training images) ...
+    auto_max_epochs: int = 300             # ... at most this many
+    batch_size: int = 5                    # the global batch: under torchrun each of N processes takes batch_size / N
     schedule: str = "warmup_cosine"        # warmup_cosine (tutorial) | multistep (paper)
     milestones: list[int] = field(default_factory=lambda: [80, 110])   # epochs, multistep only
     gamma: float = 0.1
@@ -124,7 +133,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0                       # torch CPU threads; 0 = torch's default
-    # --- data-parallel (torchrun): batch_size is per process, the global batch is batch_size x world size
+    # --- data-parallel (torchrun): batch_size is the global batch (it must divide by the number of processes)
     freeze_bn: bool = False                # BatchNorm uses its running statistics while training (exact DDP)
     sync_bn: bool = False                  # DDP on CUDA: convert BatchNorm to SyncBatchNorm
     dist_backend: str = "auto"             # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
@@ -144,8 +153,9 @@ class EvalConfig:
     pre_nms_top_k: int | None = None       # candidates per class before NMS (torchvision: 400)
     batch_size: int = 16
     backend: str = "faster"                # faster (faster-coco-eval) | pycocotools
-    precision: str = "auto"                # inference autocast: auto (train.amp's dtype on CUDA, fp32 on CPU) | fp32
-                                           # | bf16 | fp16 (bf16 is ~2x faster on CPUs with AVX512-BF16 or AMX)
+    precision: str = "auto"                # inference autocast (eval, predict, multibox.load): auto = fp32 on every
+                                           # device (AP must not move with it) | fp32 | bf16 | fp16, opt-in (bf16 is
+                                           # ~2x faster on CPUs with AVX512-BF16 or AMX)
     compile: bool = False                  # torch.compile the network for predict / eval / bench (fixed shapes)
 
 
@@ -200,6 +210,9 @@ RANGES: dict[str, Range] = {
     "data.zoom_out_p": _PROBABILITY,
     "data.max_image_pixels": _POSITIVE,
     "train.epochs": _POSITIVE,
+    "train.time": Range(0, low_open=True),
+    "train.auto_images": _POSITIVE,
+    "train.auto_max_epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,
     "train.lr": _NON_NEGATIVE,
     "train.lr_init": _NON_NEGATIVE,
@@ -222,13 +235,20 @@ RANGES: dict[str, Range] = {
 }
 
 
+OPTIONAL = {"train.time"}        # None: not set
+AUTOMATIC = {"train.epochs"}     # "auto": decided when the data is known
+
+
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError` naming the first key of :data:`RANGES` whose value is out of its range."""
     for key, allowed in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if value is None and key in OPTIONAL or value == "auto" and key in AUTOMATIC:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {key!r} expects a number, got {value!r}")
+            also = " or 'auto'" if key in AUTOMATIC else " or null" if key in OPTIONAL else ""
+            raise ConfigError(f"config key {key!r} expects a number{also}, got {value!r}")
         if not allowed.contains(value):
             raise ConfigError(f"config key {key!r} = {value!r} is out of range: it must be {allowed}")
 
@@ -255,6 +275,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         try:
             return float(value) if float in numeric else int(value)
         except ValueError:
+            if str in typing.get_args(hint):   # a number or a word (train.epochs: auto); validate() judges it
+                return value
             raise ConfigError(f"config key {name!r} expects a number, got {value!r}") from None
     if isinstance(value, int) and not isinstance(value, bool) and float in numeric:
         return float(value)
@@ -310,4 +332,5 @@ def load_config(preset_or_file: str | None = "tiny", overrides: list[str] = ()) 
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Written atomically: a run rewrites its config.yaml while training (a fitted time budget), and resume reads it."""
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,9 +1,12 @@
 """Data-parallel helpers for ``torchrun`` (torch.distributed): set-up from the environment, rank queries, collectives.
 
-Launch (one machine, N processes; each gets ``train.batch_size`` images per step, so the global batch is
-``train.batch_size x N``)::
+Launch (one machine, N processes)::
 
-    torchrun --nproc_per_node=N -m multibox train --config ssd300-vgg16 --data shards/train ...
+    torchrun --nproc_per_node=N -m multibox train --config ssd300-vgg16 --data shards/train --val-data shards/val
+
+``train.batch_size`` is the global batch, whatever N is: each process takes ``train.batch_size / N`` images per
+step (:func:`per_rank_batch`; a batch that does not divide by N is refused), so a preset's learning rate, which is
+set for its batch, holds for any number of processes, and a run takes the same steps per epoch with 1 or N.
 
 Several machines (run the same command on each; ``--node_rank`` 0..M-1, rendezvous at one host's address)::
 
@@ -23,7 +26,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "cleanup", "is_distributed", "is_main", "rank", "world_size", "barrier",
+from multibox.errors import InputError
+
+__all__ = ["DistEnv", "per_rank_batch", "init_distributed", "cleanup", "is_distributed", "is_main", "rank",
+           "world_size", "barrier",
            "all_gather_object", "broadcast_object", "broadcast_buffers", "all_reduce_sum", "unwrap"]
 
 
@@ -43,6 +49,17 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def per_rank_batch(global_batch: int, world: int) -> int:
+    """Each of ``world`` processes' share of the global batch ``train.batch_size``; :class:`InputError` when it
+    does not divide (an uneven split would change the images of a global batch and the per-rank shapes)."""
+    if global_batch % world:
+        lower, upper = global_batch - global_batch % world, global_batch + world - global_batch % world
+        raise InputError(f"train.batch_size = {global_batch} is the global batch and must divide by the {world} "
+                         f"processes (each takes batch_size / {world}): use "
+                         + (f"{lower} or {upper}" if lower else f"{upper}"))
+    return global_batch // world
 
 
 def env_world_size() -> int:

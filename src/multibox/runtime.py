@@ -85,8 +85,8 @@ def cpu_threads(threads: int):
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``; None: plain fp32. Training asks for it on CUDA only; inference also on
-    the CPU when ``eval.precision`` says so (bf16 convolutions are ~2x faster on CPUs with native bf16)."""
+    """Autocast to ``dtype`` on ``device``; None: plain fp32. Training asks for it on CUDA only; inference only when
+    ``eval.precision`` says so, on any device (bf16 convolutions are ~2x faster on CPUs with native bf16)."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -100,13 +100,16 @@ def training_amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 
 def inference_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of inference (``eval.precision``); None = fp32.
+    """The autocast dtype of inference (``eval.precision``) on ``device``; None = fp32.
 
-    ``auto`` follows training (bf16 autocast on CUDA, fp32 on the CPU). ``bf16`` on the CPU is opt-in: it halves the
-    convolution time on CPUs with native bf16 (AVX512-BF16, AMX) and is slow on others."""
+    ``auto`` is fp32 on every device, whatever training's autocast was: evaluation (``multibox eval``, the
+    evaluation inside training) must not move its AP with the device (bf16 moves scores by ~1e-3, which reorders
+    near-ties and crosses thresholds), and ``multibox predict`` / :func:`multibox.load` use the same rule so that
+    scoring ``detections.json`` gives ``multibox eval``'s numbers. ``bf16`` / ``fp16`` are opt-in, on the CPU too
+    (bf16 halves the convolution time on CPUs with native bf16, AVX512-BF16 or AMX, and is slow on others)."""
     precision = cfg.eval.precision
     if precision == "auto":
-        return training_amp_dtype(cfg, device)
+        return None
     if precision not in PRECISIONS:
         raise ValueError(f"eval.precision must be auto or one of {', '.join(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]

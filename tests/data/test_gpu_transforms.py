@@ -60,7 +60,7 @@ def test_same_parameters_give_the_cpu_transforms_boxes_and_nearly_its_image(resi
                         resize=resize, jitter=(0.3, 0.3, 0.3))
     augment = BatchAugment(tr)
     g = torch.Generator().manual_seed(0)
-    zoomed = flipped = hue = 0
+    zoomed = flipped = hue = permuted = 0
     for round_ in range(4):
         images = [_scene(h, w, 10 * round_ + i) for i, (h, w) in enumerate(SIZES)]
         targets = [_target(random_boxes_xyxy(w, h, 4, g), h, w, i) for i, (h, w) in enumerate(SIZES)]
@@ -77,8 +77,9 @@ def test_same_parameters_give_the_cpu_transforms_boxes_and_nearly_its_image(resi
             assert diff.flatten().kthvalue(int(0.99 * diff.numel())).values < 12.0, (i, p)
             zoomed += p["expand"] is not None
             flipped += p["flip"]
-            hue += p["photometric"]["hue_degrees"] != 0
-    assert zoomed >= 4 and flipped >= 4 and hue >= 4
+            hue += p["photometric"]["hue"] != 0
+            permuted += p["photometric"]["permutation"] is not None
+    assert zoomed >= 4 and flipped >= 4 and hue >= 4 and permuted >= 4
 
 
 def test_sampling_follows_the_cpu_transforms_random_stream():
@@ -164,18 +165,47 @@ def test_pad_replicate_repeats_each_images_edges():
 
 # --------------------------------------------------------------------------------------------- colour
 
+def _batch_inputs(params: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [{"photometric": p, "brightness": 1.0, "contrast": 1.0, "saturation": 1.0} for p in params]
+    colour = torch.tensor([BatchAugment._colour(r) for r in rows])
+    permutation = torch.tensor([BatchAugment._permutation(r) for r in rows])
+    return colour, permutation
+
+
 def test_batched_photometric_equals_the_per_image_one():
+    """Per-image parameters over a batch (torchvision's RandomPhotometricDistort steps, channel permutation
+    included) give each image the CPU photometric_distort's result; a neutral image passes unchanged."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randint(0, 256, (6, 3, 9, 11), generator=g).float()
-    params = [sample_photometric(g) for _ in range(6)]
-    params[0] = {"brightness_delta": 0.0, "contrast": 1.0, "saturation": 1.0, "hue_degrees": 0.0,
-                 "contrast_first": True}                               # neutral: passes through unchanged
-    colour = torch.tensor([BatchAugment._colour({"photometric": p, "brightness": 1.0, "contrast": 1.0,
-                                                 "saturation": 1.0}) for p in params])
-    got = photometric_distort_batch(x.clone(), colour)
+    x = torch.randint(0, 256, (8, 3, 9, 11), generator=g).float()
+    params = [sample_photometric(g) for _ in range(8)]
+    params[0] = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0, "contrast_first": True,
+                 "permutation": None}                                  # neutral: passes through unchanged
+    params[1] = {"brightness": 1.1, "contrast": 1.3, "saturation": 0.7, "hue": 0.03, "contrast_first": False,
+                 "permutation": (2, 0, 1)}                              # every step, contrast last
+    colour, permutation = _batch_inputs(params)
+    got = photometric_distort_batch(x.clone(), colour, permutation=permutation)
     for i, p in enumerate(params):
         torch.testing.assert_close(got[i], photometric_distort(x[i].clone(), p), atol=2e-3, rtol=0)
     assert torch.equal(got[0], x[0])
+    assert sum(p["permutation"] is not None for p in params) >= 3
+
+
+def test_batched_contrast_pivot_is_the_mean_of_the_images_own_pixels():
+    """With an ``inside`` mask (the zoom-out fill excluded), the contrast pivot is the mean grey level of the inside
+    pixels: the per-image op applied to the inside rectangle alone gives the same pixels there."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 256, (2, 3, 12, 10), generator=g).float()
+    x[:, :, :, 7:] = 255.0                                             # "fill" columns, very bright
+    inside = torch.zeros(2, 12, 10, dtype=torch.bool)
+    inside[:, 2:11, 1:7] = True
+    params = [dict(sample_photometric(g), contrast=c, contrast_first=first) for c, first in ((1.4, True), (0.6, False))]
+    colour, permutation = _batch_inputs(params)
+    got = photometric_distort_batch(x.clone(), colour, inside=inside, permutation=permutation)
+    for i, p in enumerate(params):
+        ref = photometric_distort(x[i, :, 2:11, 1:7].clone(), p)
+        torch.testing.assert_close(got[i, :, 2:11, 1:7], ref, atol=2e-3, rtol=0)
+    unmasked = photometric_distort_batch(x.clone(), colour, permutation=permutation)
+    assert not torch.allclose(unmasked[:, :, 2:11, 1:7], got[:, :, 2:11, 1:7], atol=1.0)   # the mask matters
 
 
 def test_hue_rotation_matches_torchvision():

@@ -200,3 +200,37 @@ def test_size_parameters_are_honoured(tmp_path):
     assert json.loads((tmp_path / "synth_manifest.json").read_text())["params"]["size_range"] == [0.2, 0.5]
     with pytest.raises(ValueError):
         generate_synthetic_coco(tmp_path / "bad", num_images=1, size_range=(0.5, 0.2))
+
+
+def test_the_variety_options_give_other_data(tmp_path):
+    """More classes (a shape again in another colour family), crowding, empty images, clutter left unannotated
+    and elongated objects, as asked; the demo's defaults leave the demo's files as they were (test above)."""
+    ann = generate_synthetic_coco(tmp_path / "v", num_images=40, seed=2, num_classes=14, min_objects=4,
+                                  max_objects=20, empty_fraction=0.25, clutter=3, aspect_range=(3.0, 5.0),
+                                  grain=(20.0, 30.0))
+    data = json.loads(ann.read_text())
+    names = [c["name"] for c in data["categories"]]
+    assert len(names) == 14 and names[:6] == [c["name"] for c in SYNTH_CATEGORIES] and names[6] == "ellipse_2"
+    assert synth.synth_classes(14)[6].hue == pytest.approx((BASE_HUES["ellipse"] + 180.0) % 360.0)
+    per_image = np.bincount([a["image_id"] for a in data["annotations"]], minlength=41)[1:]
+    empty = per_image == 0
+    assert 4 <= empty.sum() <= 18                      # 25 % of 40 images, binomial spread
+    assert per_image[~empty].min() >= 3 and per_image.max() <= 20   # crowded (a placement may fail now and then)
+    rects = [a["bbox"] for a in data["annotations"] if names[a["category_id"] - 1] in ("rectangle", "ellipse")]
+    aspects = [max(w / h, h / w) for _, _, w, h in rects]
+    assert np.median(aspects) > 2.5
+    # Clutter is drawn but not annotated: vivid pixels outside every box exist on empty images.
+    img = data["images"][int(np.nonzero(empty)[0][0])]
+    _, s, v = _hsv(np.asarray(Image.open(ann.parent / "images" / img["file_name"]).convert("RGB")))
+    assert ((s > 0.55) & (v > 0.6)).mean() > 0.001
+    again = generate_synthetic_coco(tmp_path / "w", num_images=40, seed=2, num_classes=14, min_objects=4,
+                                    max_objects=20, empty_fraction=0.25, clutter=3, aspect_range=(3.0, 5.0),
+                                    grain=(20.0, 30.0))
+    assert _files(again.parent) == _files(ann.parent)
+
+
+@pytest.mark.parametrize("options", [dict(num_classes=25), dict(num_classes=0), dict(min_objects=5, max_objects=2),
+                                     dict(empty_fraction=1.0), dict(clutter=-1), dict(aspect_range=(2.0, 1.0))])
+def test_impossible_variety_is_refused(tmp_path, options):
+    with pytest.raises(ValueError):
+        generate_synthetic_coco(tmp_path / "x", num_images=2, **options)

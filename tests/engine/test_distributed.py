@@ -1,20 +1,27 @@
-"""Data-parallel training: 2 CPU processes (torchrun, gloo) with batch B/2 follow the loss trajectory of 1 process
-with batch B; evaluation is gathered across ranks; rank 0 alone writes the run folder."""
+"""Data-parallel training: ``train.batch_size`` is the global batch. 2 CPU processes (torchrun, gloo) given
+``train.batch_size=B`` take B/2 images each and follow the single-process run with the same setting step for step
+(steps per epoch, LR, losses, weights); evaluation is gathered across ranks; rank 0 alone writes the run folder."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from multibox.cli import main
+from multibox.config import load_config
 from multibox.data.build import EpochShuffleSampler
 from multibox.data.synth import generate_synthetic_coco
+from multibox.distributed import DistEnv, per_rank_batch
+from multibox.engine.fit import build_train_loader
+from multibox.errors import InputError
 
-pytestmark = pytest.mark.slow   # two-process gloo training
+slow = pytest.mark.slow   # two-process gloo training
+NUM_IMAGES, BATCH = 10, 4   # 2 full global batches per epoch, 2 images left over (dropped by every world size)
 
 # A narrow tiny SSD; BatchNorm frozen (train.freeze_bn) so that an image's loss does not depend on its batch
 # mates: then the 2 x 2 run and the 1 x 4 run compute the same gradients. No augmentation (the two runs
@@ -28,9 +35,9 @@ COMMON = ["model.widths=[8, 8, 8, 8, 8, 8, 8, 8]", "train.optimizer=sgd", "data.
           "train.channels_last=false"]
 
 
-def _args(ann, out, batch):
+def _args(ann, out):
     args = ["train", "--data", str(ann), "--val-data", str(ann), "--out", str(out), "--no-progress",
-            "--set", f"train.batch_size={batch}"]
+            "--set", f"train.batch_size={BATCH}"]
     for item in COMMON:
         args += ["--set", item]
     return args
@@ -43,17 +50,61 @@ def _train_records(out):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    ann = generate_synthetic_coco(root / "data", num_images=8, seed=11)
+    ann = generate_synthetic_coco(root / "data", num_images=NUM_IMAGES, seed=11)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                               "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "multibox", *_args(ann, root / "two", 2)], env=env,
+                            "-m", "multibox", *_args(ann, root / "two")], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert main(_args(ann, root / "one", 4)) == 0   # meanwhile, one process, batch 4
+    assert main(_args(ann, root / "one")) == 0   # meanwhile, one process, the same global batch
     log, _ = two.communicate(timeout=300)
     assert two.returncode == 0, log[-4000:]
     return ann, root / "one", root / "two", log
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """Sample i: a blank image whose target names i (what the loader batches, without decoding anything)."""
+
+    def __len__(self):
+        return NUM_IMAGES
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 2, 2, dtype=torch.uint8), {"image_id": int(i)}
+
+
+def _global_batches(world: int, batch: int = BATCH, epoch: int = 1) -> list[list[int]]:
+    """The image ids of each global step of an epoch: every rank's training loader (``build_train_loader``, as
+    ``train`` builds it for that rank) read, and step s of all ranks put together."""
+    cfg = load_config("tiny", [f"train.batch_size={batch}", "data.num_workers=0", "data.pipeline=cpu"])
+    splits = SimpleNamespace(train=_Indexed())
+    per_rank = []
+    for rank in range(world):
+        sampler, loader = build_train_loader(cfg, splits, DistEnv(rank, rank, world), torch.device("cpu"))
+        sampler.set_epoch(epoch)
+        per_rank.append([[t["image_id"] for t in targets] for _, targets in loader])
+    assert len({len(steps) for steps in per_rank}) == 1, "ranks disagree on the steps of an epoch"
+    return [sorted(i for steps in per_rank for i in steps[s]) for s in range(len(per_rank[0]))]
+
+
+def test_batch_size_is_the_global_batch_for_every_world_size():
+    one = _global_batches(1)
+    assert len(one) == NUM_IMAGES // BATCH and all(len(b) == BATCH for b in one)
+    assert _global_batches(2) == _global_batches(4) == one   # same steps, same images in each: B / N per rank
+    # ... and they are the batches of torch's own DataLoader(shuffle=True, drop_last=True) seeded with seed + epoch
+    seed = load_config("tiny").train.seed
+    reference = torch.utils.data.DataLoader(range(NUM_IMAGES), batch_size=BATCH, shuffle=True, drop_last=True,
+                                            generator=torch.Generator().manual_seed(seed + 1))
+    assert one == [sorted(b.tolist()) for b in reference]
+
+
+def test_a_global_batch_that_does_not_divide_is_refused():
+    assert per_rank_batch(8, 4) == 2 and per_rank_batch(5, 1) == 5
+    with pytest.raises(InputError, match=r"^train.batch_size = 6 is the global batch and must divide by the 4 "
+                                         r"processes \(each takes batch_size / 4\): use 4 or 8$"):
+        per_rank_batch(6, 4)
+    with pytest.raises(InputError, match=r"use 4$"):
+        per_rank_batch(2, 4)
 
 
 def test_sampler_global_batches_do_not_depend_on_world_size():
@@ -67,11 +118,16 @@ def test_sampler_global_batches_do_not_depend_on_world_size():
     assert list(sampler) != one and sorted(sampler) == list(range(10))
 
 
+@slow
 def test_two_processes_follow_the_single_process_trajectory(runs):
-    _, one, two, _ = runs
+    _, one, two, log = runs
+    assert "2 processes x batch 2 (global batch 4)" in log
     a = [r for r in _train_records(one) if r["kind"] == "train"]
     b = [r for r in _train_records(two) if r["kind"] == "train"]
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]   # 2 epochs x 2 steps, both
+    epochs_a = [r for r in _train_records(one) if r["kind"] == "epoch"]
+    epochs_b = [r for r in _train_records(two) if r["kind"] == "epoch"]
+    assert [r["step"] for r in epochs_a] == [r["step"] for r in epochs_b] == [2, 4]
     for ra, rb in zip(a, b):
         assert rb["num_pos"] == ra["num_pos"]                 # global positives
         assert rb["lr"] == pytest.approx(ra["lr"], rel=1e-12)
@@ -93,6 +149,7 @@ def test_two_processes_follow_the_single_process_trajectory(runs):
     assert moved > 1e-3
 
 
+@slow
 def test_rank_zero_writes_and_gathered_eval_equals_single_process_eval(runs, tmp_path):
     ann, _, two, log = runs
     for name in ("config.yaml", "last.pt", "best.pt", "eval.json", "metrics.jsonl", "curves.png"):
@@ -100,7 +157,7 @@ def test_rank_zero_writes_and_gathered_eval_equals_single_process_eval(runs, tmp
     data = [r for r in _train_records(two) if r["kind"] == "data"]
     assert len(data) == 1 and data[0]["world_size"] == 2 and data[0]["global_batch"] == 4
     assert log.count("epoch 1/2") == 1   # printed by rank 0 only
-    # The evaluation gathered from 2 ranks (4 images each) equals a 1-process evaluation of the same weights.
+    # The evaluation gathered from 2 ranks (5 images each) equals a 1-process evaluation of the same weights.
     assert main(["eval", "--checkpoint", str(two / "best.pt"), "--out", str(tmp_path), "--data", str(ann)]) == 0
     single = json.loads((tmp_path / "eval.json").read_text())
     gathered = json.loads((two / "eval.json").read_text())

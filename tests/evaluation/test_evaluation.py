@@ -313,6 +313,27 @@ def test_gt_from_path_and_missing_area(tmp_path, gt):
     assert from_file.stats == from_dict.stats  # fixture areas are w*h, the documented default
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ground_truth_box_with_id_0_is_matched(tmp_path, backend):
+    """Both evaluators mark an unmatched box with id 0, so a ground-truth box whose id is 0 could never be matched;
+    multibox numbers its private copy's boxes 1..n. Two objects (ids 0 and 7), each detected exactly: AP is 1.0
+    (one true positive per object, no false positive), and the user's file is not changed."""
+    gt = {"images": [{"id": 1, "width": 200, "height": 200}, {"id": 2, "width": 200, "height": 200}],
+          "annotations": [_ann(0, 1, 2, 10, 10, 100, 100), _ann(7, 2, 2, 20, 30, 50, 60)],
+          "categories": CATS[:1]}
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    before = path.read_bytes()
+    dets = [{"image_id": a["image_id"], "category_id": 2, "bbox": a["bbox"], "score": 0.9} for a in gt["annotations"]]
+    for source in (gt, path):
+        r = evaluate_coco(source, dets, backend=backend, verbose=False)
+        assert r.stats["AP"] == pytest.approx(1.0, abs=1e-12) and r.stats["AR100"] == pytest.approx(1.0, abs=1e-12)
+    assert path.read_bytes() == before and [a["id"] for a in gt["annotations"]] == [0, 7]
+    # the defect itself, in pycocotools run directly: the box with id 0 never counts as found
+    raw, _, _ = _pycocotools_reference(gt, dets)
+    assert raw[8] == pytest.approx(0.5, abs=1e-12)   # AR100: one of the two objects
+
+
 def test_duplicate_annotation_ids_rejected(gt):
     bad = copy.deepcopy(gt)
     bad["annotations"][1]["id"] = bad["annotations"][0]["id"]

@@ -36,7 +36,10 @@ def test_the_data_key_follows_what_is_evaluated_only(ann, monkeypatch):
     monkeypatch.chdir(ann.parent)
     assert evaluation_data_key(load_config("tiny", ["data.path=y.json", f"data.val_path={ann.name}"])) == base
     assert evaluation_data_key(load_config("tiny", ["data.path=y.json", f"data.val_path={ann.name}",
-                                                    "data.keep_empty=false"])) != base
+                                                    "data.keep_difficult=true"])) != base
+    # data.keep_empty filters the training split only: the same images are evaluated
+    assert evaluation_data_key(load_config("tiny", ["data.path=y.json", f"data.val_path={ann.name}",
+                                                    "data.keep_empty=false"])) == base
     held = [f"data.path={ann}", "data.val_fraction=0.2"]
     assert evaluation_data_key(load_config("tiny", held)) != evaluation_data_key(load_config("tiny", held + [
         "train.seed=9"]))                    # another seed holds out other images

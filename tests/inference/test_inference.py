@@ -14,7 +14,7 @@ from multibox.inference.detector import Detector, load
 from multibox.checkpoint import save_checkpoint
 from multibox.config import load_config
 from multibox.data.transforms import EvalTransform, build_eval_transform
-from multibox.runtime import inference_dtype
+from multibox.runtime import inference_dtype, training_amp_dtype
 from multibox.models import build_model
 from multibox.core.postprocess import build_postprocessor
 
@@ -114,14 +114,17 @@ def test_compiled_detector_equals_plain_path(tiny):
 
 
 def test_inference_precision_rules():
+    """``auto`` is fp32 for evaluation and prediction on every device, even where training autocasts to bf16
+    (no GPU needed: the rule only reads the device's type); half precision only when asked for."""
     cfg = load_config("tiny")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert inference_dtype(cfg, cpu) is None                  # auto: fp32 on the CPU
-    assert inference_dtype(cfg, cuda) is torch.bfloat16       # auto: training's autocast dtype on CUDA
-    cfg.train.amp = False
-    assert inference_dtype(cfg, cuda) is None
-    cfg.eval.precision = "bf16"
-    assert inference_dtype(cfg, cpu) is torch.bfloat16
+    assert cfg.eval.precision == "auto" and cfg.train.amp and cfg.train.amp_dtype == "bfloat16"
+    assert training_amp_dtype(cfg, cuda) is torch.bfloat16    # training does autocast on CUDA ...
+    assert inference_dtype(cfg, cuda) is None                 # ... evaluation and predict do not
+    assert inference_dtype(cfg, cpu) is None
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", None)):
+        cfg.eval.precision = precision
+        assert inference_dtype(cfg, cpu) is dtype and inference_dtype(cfg, cuda) is dtype
     cfg.eval.precision = "int8"
     with pytest.raises(ValueError, match="eval.precision"):
         inference_dtype(cfg, cpu)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from multibox.interop.torchvision import import_torchvision_ssd300, torchvision_
 from multibox.models.weights import (WeightMappingError, load_vgg16_backbone, remap_state_dict, subsample_fc6_fc7,
                                      vgg16_feature_indices)
 from multibox.models import build_model, count_parameters
+from multibox.models.published import WeightsUnavailableError
 from multibox.models.vgg import VGG16_BLOCKS, PaperVGG16Backbone, TutorialVGG16Backbone
 
 IMAGE_SIZES = [(300, 300), (240, 320), (500, 375)]
@@ -265,7 +267,8 @@ def test_fake_vgg16_layout_is_torchvisions():
 def test_backbone_weights_from_torchvision_vgg16(tmp_path):
     sd = _fake_vgg16_state_dict()
     torch.save(sd, tmp_path / "vgg16.pth")
-    model = build_model(load_config("ssd300-vgg16", [f"model.backbone_weights={tmp_path / 'vgg16.pth'}"]))
+    model = build_model(load_config("ssd300-vgg16", [f"model.backbone_weights={tmp_path / 'vgg16.pth'}"]),
+                        load_backbone_weights=True)
     convs = model.backbone.trunk_convolutions()
     for conv, index in zip(convs, vgg16_feature_indices(), strict=True):
         assert torch.equal(conv.weight, sd[f"features.{index}.weight"])
@@ -275,20 +278,22 @@ def test_backbone_weights_from_torchvision_vgg16(tmp_path):
     assert torch.equal(model.backbone.fc6.weight, f6) and torch.equal(model.backbone.fc6.bias, c6)
     assert torch.equal(model.backbone.fc7.weight, f7) and torch.equal(model.backbone.fc7.bias, c7)
     assert torch.equal(model.backbone.l2norm.scale, torch.full((512,), 20.0))
-    # A checkpoint reload does not need (or read) the file; without that flag a missing file is an error.
+    # A checkpoint reload (the default) does not need (or read) the file; asked to load it, a missing file is an error.
     cfg512 = load_config("ssd512-vgg16", ["model.backbone_weights=/nonexistent/vgg16.pth"])
-    build_model(cfg512, load_backbone_weights=False)
-    with pytest.raises(FileNotFoundError):
-        build_model(cfg512)
+    build_model(cfg512)
+    with pytest.raises(WeightsUnavailableError, match="/nonexistent/vgg16.pth is neither a file nor a published"):
+        build_model(cfg512, load_backbone_weights=True)
 
 
-def test_backbone_weights_from_vgg16_features_file_keeps_fc6_fc7(tmp_path):
-    """torchvision's vgg16_features file has no classifier values (NaN): fc6/fc7 keep their initialisation."""
+def test_backbone_weights_from_vgg16_features_file_keeps_fc6_fc7(tmp_path, caplog):
+    """torchvision's vgg16_features file has no classifier values (NaN): fc6/fc7 keep their initialisation (logged:
+    it is what the default preset always loads, not a problem to warn about)."""
     sd = _fake_vgg16_state_dict(nan_classifier=True)
     torch.save(sd, tmp_path / "vgg16_features.pth")
     cfg = load_config("ssd300-vgg16", [f"model.backbone_weights={tmp_path / 'vgg16_features.pth'}"])
-    with pytest.warns(UserWarning, match="fc6/fc7 keep their initialisation"):
-        model = build_model(cfg)
+    with caplog.at_level(logging.INFO, logger="multibox.models"):
+        model = build_model(cfg, load_backbone_weights=True)
+    assert "fc6/fc7 keep their initialisation" in caplog.text
     # Xavier-uniform: |w| <= sqrt(6 / (fan_in + fan_out)), std = sqrt(2 / (fan_in + fan_out)); fan = 9·512, 9·1024
     fc6 = model.backbone.fc6.weight.detach()
     assert torch.isfinite(fc6).all() and fc6.abs().max() <= (6 / 13824) ** 0.5
@@ -323,3 +328,34 @@ def test_backbone_weights_refused_for_other_files_and_archs(tmp_path):
         load_vgg16_backbone(model, tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match="paper VGG16 arch"):
         load_vgg16_backbone(TutorialVGG16Backbone(), tmp_path / "resnet.pth")
+
+
+def test_default_preset_starts_from_cached_vgg16_features(tmp_path, monkeypatch):
+    """The paper preset's default: torchvision's vgg16_features file found in torch hub's cache (TORCH_HOME; the
+    downloader would fail) initialises conv1_1 .. conv5_3, and conv1_x is frozen; ``--weights`` with a VGG16 file
+    initialises the trunk the same way."""
+    from multibox.interop.pretrained import load_detector_weights, plan_initial_weights, prepare_for_training
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("no download expected")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    sd = _fake_vgg16_state_dict(nan_classifier=True)
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16_features-amdegroot-88682ab5.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(sd, cached)
+    cfg = load_config("ssd300-vgg16", ["model.num_classes=2"])
+    names = ["background", "a", "b"]
+    initial = plan_initial_weights(cfg)
+    assert initial.backbone == cached
+    model = build_model(cfg)
+    prepare_for_training(model, cfg, initial, names)         # what a new run does
+    conv1 = {f"backbone.blocks.0.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == conv1
+    given = build_model(cfg)
+    load_detector_weights(given, cfg, cached, names, "vgg16.pth")   # --weights vgg16.pth
+    for net in (model, given):
+        for conv, index in zip(net.backbone.trunk_convolutions(), vgg16_feature_indices(), strict=True):
+            assert torch.equal(conv.weight, sd[f"features.{index}.weight"]), index
+            assert torch.equal(conv.bias, sd[f"features.{index}.bias"]), index

@@ -46,7 +46,9 @@ def _meta_features(preset: str) -> list[tuple[int, ...]]:
 @pytest.mark.parametrize("preset", ["ssd300-vgg16", "ssd512-vgg16"])
 def test_preset_settings_follow_spec_section_3(preset):
     cfg = load_config(preset)
-    assert cfg.model.head == "conv" and cfg.model.init == "xavier" and cfg.model.backbone_weights is None
+    assert cfg.model.head == "conv" and cfg.model.init == "xavier"
+    # ImageNet initialisation from torchvision's vgg16_features; random weights only when asked
+    assert cfg.model.backbone_weights == "vgg16_features" and not cfg.model.from_scratch and cfg.model.weights is None
     assert (cfg.loss.kind, cfg.loss.neg_pos_ratio, cfg.loss.match_rule) == ("hard_negative", 3, "torchvision")
     assert (cfg.loss.center_variance, cfg.loss.size_variance, cfg.loss.iou_threshold) == (0.1, 0.2, 0.5)
     assert cfg.anchors.clip and cfg.anchors.extra_box_second
@@ -185,7 +187,8 @@ def train_steps(tmp_path, preset: str, steps: int, lr: float) -> list[float]:
     overrides = [f"data.synth_root={tmp_path / 'synth'}", "data.synth_train_images=1", "data.synth_val_images=1",
                  "data.num_workers=0", "data.crop_rule=none", "data.flip_p=0", "data.photometric=false",
                  "data.zoom_out=0", f"train.epochs={steps}", "train.batch_size=1", f"train.lr={lr}",
-                 "train.warmup_epochs=0", "train.log_every=1", "train.checkpoint_every=0", "train.threads=2"]
+                 "train.warmup_epochs=0", "train.log_every=1", "train.checkpoint_every=0", "train.threads=2",
+                 "model.from_scratch=true"]   # no vgg16_features file here (and no network)
     args = ["train", "--config", preset, "--data", "synth", "--out", str(out), "--no-progress"]
     for item in overrides:
         args += ["--set", item]

@@ -62,6 +62,7 @@ def _destination(args: argparse.Namespace, cfg, own, splits, checkpoint: dict) -
 def run(args: argparse.Namespace) -> int:
     from multibox.checkpoint import load_checkpoint
     from multibox.data.build import build_splits
+    from multibox.data.categories import category_ids_of
     from multibox.errors import InputError
     from multibox.evaluation.coco import format_per_class_table, write_eval_json
     from multibox.evaluation.evaluate import category_map_by_name, evaluate_model
@@ -73,8 +74,11 @@ def run(args: argparse.Namespace) -> int:
     payload = load_checkpoint(args.checkpoint)
     cfg, own = _configs(args, payload["config"])
     splits = build_splits(cfg)
-    try:   # by class name: a checkpoint with more classes (torchvision's 91 COCO slots) evaluates on the data's
-        category_map = category_map_by_name(payload["class_names"], splits)
+    # A checkpoint's labels name its training data's categories: matched to the evaluated data's by (name, id),
+    # then by name (a checkpoint with more classes, torchvision's 91 COCO slots, evaluates on the data's).
+    category_ids = category_ids_of(payload["class_names"], payload.get("category_ids"), source=args.checkpoint)
+    try:
+        category_map = category_map_by_name(payload["class_names"], splits, category_ids)
     except ValueError as err:
         raise InputError(str(err)) from None
     checkpoint = checkpoint_record(args.checkpoint, payload.get("epoch"))

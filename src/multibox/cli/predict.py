@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "predict", help=command_help("predict"),
         description="Detect objects in images, folders and videos with a checkpoint (PyTorch) or an exported ONNX "
                     "model (onnxruntime). Inputs are named by their path relative to the deepest folder holding "
-                    "them all. Writes OUT/detections.json (COCO results; image_id = the image's relative path, "
+                    "them all. Writes OUT/detections.json (COCO results; category_id = the training data's own "
+                    "category id, which the model stores; image_id = the image's relative path, "
                     "e.g. 'a/img.jpg', or '<relative video path>#<frame>' for a video frame, which adds 'video', "
                     "'frame' and 'time'; 'file' = the input as found), OUT/images/<relative path>.png and "
                     "OUT/videos/<relative path>.mp4. Inputs that cannot be read are skipped, each named in a "
@@ -31,7 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"model's eval.score_threshold where higher; `multibox eval` keeps the model's own, lower "
                         f"threshold, which mAP needs)")
     p.add_argument("--classes", action="append", metavar="CLASS[,CLASS...]",
-                   help="keep only these classes: names or label ids 1..C, comma-separated; repeatable")
+                   help="keep only these classes: names or category ids (as detections.json writes them), "
+                        "comma-separated; repeatable")
     p.add_argument("--max-det", type=int, help="at most this many detections per image")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto",

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from multibox.config import Config
 from multibox.data.coco import CocoDetection, DetectionDataset, collate_detection
-from multibox.data.policy import MAX_EXAMPLES
+from multibox.data.policy import MAX_EXAMPLES, has_training_box
 from multibox.data.transforms import build_eval_transform, build_train_transform
 from multibox.errors import InputError
 
@@ -89,6 +89,11 @@ class DataSplits:
     # {"train": counts} of the training source, plus "val" when evaluation reads another source
     load_report: dict[str, dict[str, int]] = field(default_factory=dict)
 
+    @property
+    def category_ids(self) -> list[int]:
+        """The category id of each label 1..C (``category_ids[label - 1]``), as checkpoints store it."""
+        return [self.label_to_category_id[label] for label in range(1, len(self.class_names))]
+
 
 def source_kind(path: str) -> str:
     """``"synth"``, ``"shards"``, ``"voc"`` or ``"coco"`` for a ``data.path`` value (FileNotFoundError if none)."""
@@ -109,19 +114,18 @@ def source_kind(path: str) -> str:
 
 
 def open_dataset(path: str, cfg: Config, split: str | None = None) -> DetectionDataset:
-    """The dataset at ``path`` (no transform); ``split`` picks a VOC split (default ``data.voc_split``)."""
+    """The dataset at ``path`` (no transform), every image of it: ``data.keep_empty`` filters the training split
+    only (:func:`build_splits`); ``split`` picks a VOC split (default ``data.voc_split``)."""
     kind = source_kind(path)
     dataset: DetectionDataset
     if kind == "shards":
         from multibox.data.shards import ShardDataset
-        dataset = ShardDataset(path, verify=cfg.data.shard_verify, keep_crowd=cfg.data.keep_difficult,
-                               keep_empty=cfg.data.keep_empty)
+        dataset = ShardDataset(path, verify=cfg.data.shard_verify, keep_crowd=cfg.data.keep_difficult)
     elif kind == "voc":
         from multibox.data.voc import VOCDetection
-        dataset = VOCDetection(path, split=split or cfg.data.voc_split, keep_difficult=cfg.data.keep_difficult,
-                               keep_empty=cfg.data.keep_empty)
+        dataset = VOCDetection(path, split=split or cfg.data.voc_split, keep_difficult=cfg.data.keep_difficult)
     elif kind == "coco":
-        dataset = CocoDetection(path, image_root=cfg.data.image_root, keep_empty=cfg.data.keep_empty)
+        dataset = CocoDetection(path, image_root=cfg.data.image_root)
     else:
         raise ValueError("'synth' is resolved by resolve_sources")
     dataset.max_image_pixels = int(cfg.data.max_image_pixels)   # larger images are refused before decoding
@@ -165,7 +169,11 @@ def train_sample_transform(cfg: Config) -> Callable:
 
 def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSplits:
     """The training and evaluation sets of ``cfg.data``, refused (:class:`~multibox.errors.InputError`, one line)
-    when either has no usable image; what loading dropped or will change is logged once per source file."""
+    when either has no usable image; what loading dropped or will change is logged once per source file.
+
+    ``data.keep_empty: false`` leaves the images without a box out of the training split only: the evaluation split
+    keeps every image (its false positives on empty images count), and a held-out split is drawn from all images,
+    so the same images are evaluated whatever ``keep_empty`` is."""
     train_src, val_src = resolve_sources(cfg)
     train_full = open_dataset(train_src, cfg)
     if train_transform is None:
@@ -180,6 +188,8 @@ def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSp
     else:
         val_full = train_full
         train_idx, val_idx = held_out_split(len(train_full), cfg.data.val_fraction, cfg.train.seed)
+    if not cfg.data.keep_empty:
+        train_idx = _without_empty_images(train_full, train_idx)
     _require_images(cfg, train_full, train_idx, val_full, val_idx)
     return DataSplits(
         train=TransformedSubset(train_full, train_idx, train_transform),
@@ -193,6 +203,14 @@ def build_splits(cfg: Config, train_transform: Callable | None = None) -> DataSp
     )
 
 
+def _without_empty_images(dataset: DetectionDataset, indices: list[int]) -> list[int]:
+    """``indices`` less the images without a training box (``data.keep_empty: false``), counted in the source's
+    load report."""
+    usable = [has_training_box(dataset.records[i], dataset.keep_crowd) for i in indices]
+    dataset.load_report.note("empty_images_dropped", [dataset.image_ids[i] for i, u in zip(indices, usable) if not u])
+    return [i for i, u in zip(indices, usable) if u]
+
+
 def _open_eval_source(cfg: Config, train_src: str, val_src: str | None, train_full: DetectionDataset
                       ) -> DetectionDataset | None:
     """The evaluation dataset when it is not a held-out part of the training source (None then)."""
@@ -202,7 +220,7 @@ def _open_eval_source(cfg: Config, train_src: str, val_src: str | None, train_fu
             and cfg.data.val_split != cfg.data.voc_split:
         from multibox.data.voc import VOCDetection
         val_full = VOCDetection(train_src, split=cfg.data.val_split, class_names=train_full.class_names[1:],
-                                keep_difficult=cfg.data.keep_difficult, keep_empty=True)
+                                keep_difficult=cfg.data.keep_difficult)
         val_full.max_image_pixels = int(cfg.data.max_image_pixels)
         return val_full
     return None
@@ -245,13 +263,15 @@ def _require_images(cfg: Config, train_full: DetectionDataset, train_idx: list[i
 
 
 def _why_empty(cfg: Config, dataset: DetectionDataset, role: str) -> str:
+    report = dataset.load_report
+    dropped = report.get("empty_images_dropped", 0)
+    if role == "training" and dropped:   # only the training split drops them (build_splits)
+        which = "images" if dropped == len(dataset) else "training images"
+        return f"all {dropped} of its {which} have no usable box and data.keep_empty is false"
     if len(dataset) and role == "training":   # a held-out split took every image
         return (f"all {len(dataset)} of its images went to the held-out evaluation split (data.val_fraction = "
                 f"{cfg.data.val_fraction:g}, at least one image); add images, lower data.val_fraction or give a "
                 "separate evaluation set (--val-data)")
-    report = dataset.load_report
-    if report.get("empty_images_dropped"):
-        return f"all {report['empty_images_dropped']} of its images have no usable box and data.keep_empty is false"
     if report.get("skipped_at_conversion"):
         return (f"all {report['skipped_at_conversion']} of its images were unreadable when it was converted "
                 "(its manifest.json lists them)")
@@ -271,7 +291,8 @@ class EpochShuffleSampler(Sampler[int]):
     permutation a ``DataLoader(shuffle=True)`` reseeded that way draws, so single-process runs keep their
     order); the tail that does not divide by ``world_size`` is dropped and rank ``r`` takes ``perm[r::world_size]``.
     With per-rank batch B, global batch s is then ``perm[s*B*W : (s+1)*B*W]`` for every world size W: N ranks
-    with batch B/N see exactly the batches of one process with batch B. Call :meth:`set_epoch` every epoch.
+    with batch B/N see exactly the batches of one process with batch B (training gives each rank
+    ``train.batch_size / N``: the global batch is the setting). Call :meth:`set_epoch` every epoch.
 
     ``keyed=True`` yields :class:`SampleIndex` (the index with its epoch and seed: per-sample augmentation
     seeds). ``set_epoch(e, start=k)`` skips this rank's first ``k`` samples of epoch ``e`` (a run resumed in

@@ -56,6 +56,7 @@ from torch.utils.data import Dataset
 
 from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
 from multibox.core.boxes import ltwh_to_xyxy
+from multibox.data.categories import label_to_category_id
 from multibox.data.policy import LoadReport, has_training_box, policy_report, trained_boxes
 from multibox.errors import MultiboxError
 
@@ -290,7 +291,7 @@ class DetectionDataset(Dataset):
         """Set the index; ``load_report`` = ``report`` (what loading dropped) + :func:`policy_report` of
         ``records`` (what training will do to their boxes)."""
         self.categories = [dict(c) for c in categories]
-        self.label_to_category_id: dict[int, int] = {i + 1: int(c["id"]) for i, c in enumerate(self.categories)}
+        self.label_to_category_id: dict[int, int] = label_to_category_id([int(c["id"]) for c in self.categories])
         self.category_id_to_label: dict[int, int] = {v: k for k, v in self.label_to_category_id.items()}
         self.class_names: list[str] = ["background"] + [str(c["name"]) for c in self.categories]
         self.records = records

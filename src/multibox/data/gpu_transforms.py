@@ -6,6 +6,11 @@ All four are one axis-aligned affine map from output pixels to source pixels, so
 ``affine_grid`` + ``grid_sample``, then the colour steps (the paper's photometric distortion, the tutorial's
 jitter, the normalisation) run as tensor ops over the batch with per-image parameters.
 
+The photometric distortion is torchvision's ``RandomPhotometricDistort`` (as the CPU
+:func:`~multibox.data.transforms.photometric_distort`): brightness, contrast first or last, saturation, hue, channel
+permutation, with torchvision's formulas and clamps; its contrast pivot is the mean grey level of the image's own
+pixels in the output (not the zoom-out fill), as the CPU transform computes it on the pasted patch.
+
 The work is split in two halves so that everything per image stays in DataLoader workers:
 
 * in the workers, per sample, :class:`SampleParams` (the dataset's transform) draws the image's parameters with the
@@ -42,7 +47,7 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from multibox.data.coco import Batch
-from multibox.data.transforms import TrainTransform, build_train_transform, keyed_generator, window_target
+from multibox.data.transforms import TrainTransform, build_train_transform, grey_level, keyed_generator, window_target
 
 if TYPE_CHECKING:
     from multibox.config import Config
@@ -54,8 +59,8 @@ __all__ = ["AugmentBatch", "BatchAugment", "DeviceAugmentLoader", "PARAMS_KEY", 
 PIPELINES = ("cpu", "batched")   # data.pipeline values
 
 # Colour parameter columns of AugmentBatch.colour.
-_DELTA, _C_FIRST, _C_LAST, _SAT, _HUE, _J_BRIGHT, _J_CONTRAST, _J_SAT = range(8)
-_GRAY = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale weights (its contrast / saturation jitter)
+_BRIGHT, _C_FIRST, _C_LAST, _SAT, _HUE, _J_BRIGHT, _J_CONTRAST, _J_SAT = range(8)
+_IDENTITY = (0, 1, 2)   # channel order of images without a permutation
 
 
 PARAMS_KEY = "augment_params"   # target key carrying a sample's drawn parameters from the worker to the collate
@@ -109,8 +114,10 @@ class AugmentBatch:
         (``align_corners=False`` convention) samples source pixel coordinates ``(ax·ox + bx, ay·oy + by)``
         (continuous: pixel i spans [i, i + 1)); a flip is a negative ``ax``.
     prefilter: int64 (B, 2) box pre-filter (fy, fx), 1 = none.
-    colour: float32 (B, 8): brightness delta, contrast factor applied first, contrast applied last, HSV saturation
-        factor, hue shift (turns), jitter brightness, jitter contrast, jitter saturation (neutral values when unused).
+    colour: float32 (B, 8): photometric brightness factor, contrast factor applied first, contrast applied last,
+        saturation factor, hue shift (turns), jitter brightness, jitter contrast, jitter saturation (neutral values
+        when unused).
+    permutation: int64 (B, 3): the photometric channel permutation of each image (identity when none).
     use_*: whether any image needs that colour step (decided here, on the CPU, so the device never synchronises).
     targets: the transformed targets (boxes normalised xyxy, labels filtered), one dict per image.
     skipped: samples dropped as unreadable (as :class:`multibox.data.coco.Batch`).
@@ -122,15 +129,18 @@ class AugmentBatch:
     prefilter: Tensor
     colour: Tensor
     targets: list[dict]
+    permutation: Tensor | None = None
     use_photometric: bool = False
     use_saturation: bool = False
     use_hue: bool = False
+    use_permutation: bool = False
     use_jitter: bool = False
     skipped: int = 0
 
     def pin_memory(self) -> "AugmentBatch":
         return replace(self, images=self.images.pin_memory(), sizes=self.sizes.pin_memory(),
-                       affine=self.affine.pin_memory(), colour=self.colour.pin_memory())
+                       affine=self.affine.pin_memory(), colour=self.colour.pin_memory(),
+                       permutation=None if self.permutation is None else self.permutation.pin_memory())
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -163,36 +173,41 @@ def adjust_hue_batch(x: Tensor, shift: Tensor) -> Tensor:
     return torch.stack(channels, 1)
 
 
-def _saturation_hsv_batch(x: Tensor, factor: Tensor) -> Tensor:
-    """:func:`multibox.data.transforms.adjust_saturation_hsv` with a per-image factor (B,)."""
-    factor = factor.view(-1, 1, 1, 1)
-    v = x.amax(dim=1, keepdim=True)
-    spread = v - x.amin(dim=1, keepdim=True)
-    k = torch.where(spread * factor > v, v / spread.clamp(min=1e-12), factor.expand_as(v))
-    return v - (v - x) * k
+def _masked_mean_grey(x: Tensor, inside: Tensor | None) -> Tensor:
+    """(B, 3, H, W) -> (B, 1, 1, 1) mean grey level over each image's ``inside`` (B, H, W) pixels (all if None)."""
+    grey = grey_level(x)
+    if inside is None:
+        return grey.mean(dim=(1, 2, 3), keepdim=True)
+    weights = inside[:, None].to(x.dtype)
+    return (grey * weights).sum((1, 2, 3), keepdim=True) / weights.sum((1, 2, 3), keepdim=True).clamp(min=1)
 
 
-def photometric_distort_batch(x: Tensor, colour: Tensor, use_saturation: bool = True,
-                              use_hue: bool = True) -> Tensor:
-    """The paper's photometric distortion (:func:`multibox.data.transforms.photometric_distort`) over a batch:
-    x (B, 3, H, W) float in 0..255, per-image parameters in ``colour`` (B, 8) (see :class:`AugmentBatch`).
+def _blend(x: Tensor, other: Tensor, ratio: Tensor, bound: float) -> Tensor:
+    """torchvision's ``_blend`` with a per-image ratio (B, 1, 1, 1): ``ratio·x + (1 - ratio)·other``, clamped."""
+    return (x * ratio + other * (1.0 - ratio)).clamp_(0.0, bound)
 
-    A contrast "applied first" / "applied last" column holds 1 for images whose contrast is on the other side, and
-    neutral images pass through ``torch.where`` unchanged, so each image gets exactly its own steps."""
+
+def photometric_distort_batch(x: Tensor, colour: Tensor, use_saturation: bool = True, use_hue: bool = True,
+                              inside: Tensor | None = None, permutation: Tensor | None = None) -> Tensor:
+    """The paper's photometric distortion (:func:`multibox.data.transforms.photometric_distort`, torchvision's
+    ``RandomPhotometricDistort``) over a batch: x (B, 3, H, W) float in 0..255, per-image parameters in ``colour``
+    (B, 8) (see :class:`AugmentBatch`), ``inside`` (B, H, W) bool: the pixels whose mean grey level is the contrast
+    pivot (None: all), ``permutation`` (B, 3) int64 channel orders (None: none). Returns (B, 3, H, W).
+
+    Neutral factors (1) are exact identities of these formulas, and a contrast "applied first" / "applied last"
+    column holds 1 for images whose contrast is on the other side, so each image gets exactly its own steps."""
     view = (-1, 1, 1, 1)
-    x = (x + colour[:, _DELTA].view(view)).clamp_(0.0, 255.0)
-    x = (x * colour[:, _C_FIRST].view(view)).clamp_(0.0, 255.0)
+    x = (x * colour[:, _BRIGHT].view(view)).clamp_(0.0, 255.0)
+    x = _blend(x, _masked_mean_grey(x, inside), colour[:, _C_FIRST].view(view), 255.0)
     if use_saturation:
-        sat = colour[:, _SAT]
-        x = torch.where((sat != 1.0).view(view), _saturation_hsv_batch(x, sat), x)
+        x = _blend(x, grey_level(x), colour[:, _SAT].view(view), 255.0)
     if use_hue:
         hue = colour[:, _HUE]
         x = torch.where((hue != 0.0).view(view), adjust_hue_batch(x / 255.0, hue) * 255.0, x)
-    return (x * colour[:, _C_LAST].view(view)).clamp_(0.0, 255.0)
-
-
-def _grayscale(x: Tensor) -> Tensor:
-    return x[:, 0:1] * _GRAY[0] + x[:, 1:2] * _GRAY[1] + x[:, 2:3] * _GRAY[2]
+    x = _blend(x, _masked_mean_grey(x, inside), colour[:, _C_LAST].view(view), 255.0)
+    if permutation is not None:
+        x = x.gather(1, permutation.to(x.device).view(-1, 3, 1, 1).expand_as(x))
+    return x
 
 
 def _jitter_batch(x: Tensor, colour: Tensor, inside: Tensor) -> Tensor:
@@ -202,12 +217,8 @@ def _jitter_batch(x: Tensor, colour: Tensor, inside: Tensor) -> Tensor:
     CPU transform computes it on the pasted patch only."""
     view = (-1, 1, 1, 1)
     x = (x * colour[:, _J_BRIGHT].view(view)).clamp_(0.0, 1.0)
-    weights = inside[:, None].to(x.dtype)
-    mean = (_grayscale(x) * weights).sum((1, 2, 3), keepdim=True) / weights.sum((1, 2, 3), keepdim=True).clamp(min=1)
-    c = colour[:, _J_CONTRAST].view(view)
-    x = (c * x + (1.0 - c) * mean).clamp_(0.0, 1.0)
-    s = colour[:, _J_SAT].view(view)
-    return (s * x + (1.0 - s) * _grayscale(x)).clamp_(0.0, 1.0)
+    x = _blend(x, _masked_mean_grey(x, inside), colour[:, _J_CONTRAST].view(view), 1.0)
+    return _blend(x, grey_level(x), colour[:, _J_SAT].view(view), 1.0)
 
 
 class BatchAugment:
@@ -243,11 +254,16 @@ class BatchAugment:
     @staticmethod
     def _colour(params: dict) -> list[float]:
         p = params.get("photometric")
-        row = [0.0, 1.0, 1.0, 1.0, 0.0]
+        row = [1.0, 1.0, 1.0, 1.0, 0.0]
         if p is not None:
-            row = [p["brightness_delta"], p["contrast"] if p["contrast_first"] else 1.0,
-                   1.0 if p["contrast_first"] else p["contrast"], p["saturation"], p["hue_degrees"] / 360.0]
+            row = [p["brightness"], p["contrast"] if p["contrast_first"] else 1.0,
+                   1.0 if p["contrast_first"] else p["contrast"], p["saturation"], p["hue"]]
         return row + [params["brightness"], params["contrast"], params["saturation"]]
+
+    @staticmethod
+    def _permutation(params: dict) -> list[int]:
+        p = params.get("photometric")
+        return list(_IDENTITY if p is None or p["permutation"] is None else p["permutation"])
 
     @staticmethod
     def transform_boxes(target: dict, params: dict, height: int, width: int) -> dict:
@@ -280,7 +296,9 @@ class BatchAugment:
             prefilter=torch.tensor(prefilter, dtype=torch.int64).reshape(-1, 2), colour=colour_t,
             targets=new_targets, use_photometric=any(p is not None for p in photometric),
             use_saturation=any(p is not None and p["saturation"] != 1.0 for p in photometric),
-            use_hue=any(p is not None and p["hue_degrees"] != 0.0 for p in photometric),
+            use_hue=any(p is not None and p["hue"] != 0.0 for p in photometric),
+            permutation=torch.tensor([self._permutation(p) for p in params], dtype=torch.int64).reshape(-1, 3),
+            use_permutation=any(p is not None and p["permutation"] is not None for p in photometric),
             use_jitter=bool((colour_t[:, _J_BRIGHT:] != 1.0).any()), skipped=skipped)
 
     def collate(self, samples: Sequence[tuple[Tensor, dict] | None]) -> AugmentBatch | Batch:
@@ -350,7 +368,10 @@ class BatchAugment:
         x = self._sample(x, batch, affine)
         inside = self._inside(affine, sizes_hw)
         if batch.use_photometric:
-            x = photometric_distort_batch(x, colour, batch.use_saturation, batch.use_hue)
+            permutation = None
+            if batch.use_permutation and batch.permutation is not None:
+                permutation = batch.permutation.to(device, non_blocking=non_blocking)
+            x = photometric_distort_batch(x, colour, batch.use_saturation, batch.use_hue, inside, permutation)
         x = x / 255.0
         if batch.use_jitter:
             x = _jitter_batch(x, colour, inside)

@@ -68,6 +68,34 @@ SYNTH_CATEGORIES: list[dict] = [
     {"id": i + 1, "name": name, "supercategory": "shape"} for i, (name, _) in enumerate(_CLASS_SPECS)
 ]
 SYNTH_CLASS_NAMES: list[str] = [name for name, _ in _CLASS_SPECS]
+MAX_CLASSES = 24
+# Beyond six classes, each shape comes again in other colour families (hue offsets from its own), so that neither
+# the shape nor the colour alone names the class.
+_HUE_OFFSETS = (0.0, 180.0, 90.0, 270.0)
+# Unannotated distractors (data.synth clutter): shapes no class has, in any colour.
+_CLUTTER_SHAPES = ("hexagon", "diamond")
+
+
+class ShapeClass(NamedTuple):
+    """One synthetic class: its COCO name, the shape drawn and its colour family (hue in degrees)."""
+
+    name: str
+    shape: str
+    hue: float
+
+
+def synth_classes(num_classes: int = len(_CLASS_SPECS)) -> list[ShapeClass]:
+    """The first ``num_classes`` classes (2..24): the demo's six, then each shape in a second, third and fourth
+    colour family (``ellipse_2`` is a cyan ellipse: the red ellipse's hue + 180 degrees)."""
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
+    classes = []
+    for k in range(num_classes):
+        shape, hue = _CLASS_SPECS[k % len(_CLASS_SPECS)]
+        family = k // len(_CLASS_SPECS)
+        name = shape if family == 0 else f"{shape}_{family + 1}"
+        classes.append(ShapeClass(name, shape, (hue + _HUE_OFFSETS[family]) % 360.0))
+    return classes
 
 _MANIFEST = "synth_manifest.json"
 _ANNOTATIONS = "annotations.json"
@@ -113,8 +141,9 @@ def _object_colour(rng: np.random.Generator, base_hue: float) -> tuple[int, int,
     return _hsv_to_rgb255(base_hue + rng.uniform(-8.0, 8.0), rng.uniform(0.65, 1.0), rng.uniform(0.72, 1.0))
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """Textured background, uint8 (H, W, 3)."""
+def _background(rng: np.random.Generator, width: int, height: int, grain: tuple[float, float] = (2.0, 8.0)
+                ) -> np.ndarray:
+    """Textured background, uint8 (H, W, 3), with luminance grain of a standard deviation drawn in ``grain``."""
     kind = int(rng.integers(0, 4))
     c1, c2 = _muted_colour(rng), _muted_colour(rng)
     if kind == 1:
@@ -145,7 +174,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
             t = (((xs.astype(np.int64) + ox) // cell + (ys.astype(np.int64) + oy) // cell) % 2).astype(np.float32)
         img = c1 + t[..., None] * (c2 - c1)
     # Grain, shared by the three channels (cheaper, and looks like sensor luminance noise).
-    sigma = rng.uniform(2.0, 8.0)
+    sigma = rng.uniform(*grain)
     img = img + rng.normal(0.0, sigma, size=(height, width, 1)).astype(np.float32)
     return np.clip(img, 0.0, 255.0).astype(np.uint8)
 
@@ -163,7 +192,7 @@ def _regular_polygon(num: int, angle: float, inner_ratio: float | None = None) -
 
 
 def _render_shape(
-    rng: np.random.Generator, kind: str, long_side: float
+    rng: np.random.Generator, kind: str, long_side: float, aspect_range: tuple[float, float] = _ASPECT_RANGE
 ) -> tuple[Image.Image, np.ndarray, tuple[float, float, float, float], float]:
     """Rasterise one shape on its own small canvas.
 
@@ -173,12 +202,14 @@ def _render_shape(
     the shape's area in pixels (exact count of supersampled pixels / ss^2).
     """
     ss = 4 if long_side < 100 else 2  # supersampling factor; big shapes need less
-    aspect = rng.uniform(*_ASPECT_RANGE)  # width / height
-    if kind in ("triangle", "star"):
+    aspect = rng.uniform(*aspect_range)  # width / height
+    if kind in ("triangle", "star", "hexagon", "diamond"):
         if kind == "triangle":
             verts = _regular_polygon(3, rng.uniform(0.0, 2.0 * math.pi / 3))
-        else:
+        elif kind == "star":
             verts = _regular_polygon(5, rng.uniform(0.0, 2.0 * math.pi / 5), inner_ratio=rng.uniform(0.4, 0.5))
+        else:
+            verts = _regular_polygon(6 if kind == "hexagon" else 4, rng.uniform(0.0, math.pi / 2))
         verts = verts - verts.min(axis=0)
         verts = verts * (long_side * ss / float(verts.max()))
         w_ss, h_ss = float(np.ceil(verts[:, 0].max())), float(np.ceil(verts[:, 1].max()))
@@ -286,14 +317,27 @@ class _Canvas:
         self.objects.append({"category_id": category_id, "box_xyxy": [float(v) for v in box_xyxy], "area": area})
 
 
-def _try_shape(rng: np.random.Generator, canvas: _Canvas, size_range: tuple[float, float],
-               small_fraction: float) -> bool:
+class Variety(NamedTuple):
+    """What varies between images beyond the demo's defaults (see :func:`generate_synthetic_coco`)."""
+
+    classes: tuple[ShapeClass, ...]
+    min_objects: int = 1
+    max_objects: int = 10
+    size_range: tuple[float, float] = DEFAULT_SIZE_RANGE
+    small_fraction: float = DEFAULT_SMALL_FRACTION
+    aspect_range: tuple[float, float] = _ASPECT_RANGE
+    clutter: float = 0.0
+    empty_fraction: float = 0.0
+    grain: tuple[float, float] = (2.0, 8.0)
+
+
+def _try_shape(rng: np.random.Generator, canvas: _Canvas, variety: Variety) -> bool:
     """Draw one random shape and try up to 8 random positions for it; True when it was placed."""
     width, height = canvas.image.size
-    cls = int(rng.integers(0, len(_CLASS_SPECS)))
-    name, hue = _CLASS_SPECS[cls]
-    long_side = _sample_long_side(rng, min(width, height), size_range, small_fraction)
-    mask, mask_u8, (bx0, by0, bx1, by1), area = _render_shape(rng, name, long_side)
+    cls = int(rng.integers(0, len(variety.classes)))
+    long_side = _sample_long_side(rng, min(width, height), variety.size_range, variety.small_fraction)
+    mask, mask_u8, (bx0, by0, bx1, by1), area = _render_shape(rng, variety.classes[cls].shape, long_side,
+                                                               variety.aspect_range)
     ch, cw = mask_u8.shape
     if cw > width or ch > height:
         return False
@@ -306,27 +350,39 @@ def _try_shape(rng: np.random.Generator, canvas: _Canvas, size_range: tuple[floa
         box_xyxy = np.array([bx0 + px, by0 + py, bx1 + px, by1 + py])
         hidden = canvas.hidden_by(box_xyxy, px, py, cover)
         if hidden is not None:
-            canvas.add(box_xyxy, px, py, cover, hidden, mask, _object_colour(rng, hue), cls + 1, area)
+            colour = _object_colour(rng, variety.classes[cls].hue)
+            canvas.add(box_xyxy, px, py, cover, hidden, mask, colour, cls + 1, area)
             return True
     return False
 
 
-def _make_image(
-    rng: np.random.Generator,
-    min_side: int,
-    max_side: int,
-    max_objects: int,
-    size_range: tuple[float, float] = DEFAULT_SIZE_RANGE,
-    small_fraction: float = DEFAULT_SMALL_FRACTION,
-) -> tuple[Image.Image, list[dict]]:
+def _draw_clutter(rng: np.random.Generator, image: Image.Image, variety: Variety) -> None:
+    """Unannotated distractors (Poisson, mean ``variety.clutter``): hexagons and diamonds of any colour, drawn on
+    the background before the objects, so a detector must tell the classes' shapes from other saturated blobs."""
+    for _ in range(int(rng.poisson(variety.clutter))):
+        shape = _CLUTTER_SHAPES[int(rng.integers(0, len(_CLUTTER_SHAPES)))]
+        long_side = _sample_long_side(rng, min(image.size), variety.size_range, variety.small_fraction)
+        mask, mask_u8, _, _ = _render_shape(rng, shape, long_side, variety.aspect_range)
+        ch, cw = mask_u8.shape
+        if cw <= image.width and ch <= image.height:
+            px, py = int(rng.integers(0, image.width - cw + 1)), int(rng.integers(0, image.height - ch + 1))
+            image.paste(_object_colour(rng, rng.uniform(0.0, 360.0)), (px, py, px + cw, py + ch), mask)
+
+
+def _make_image(rng: np.random.Generator, min_side: int, max_side: int, variety: Variety
+                ) -> tuple[Image.Image, list[dict]]:
     """One image and its objects: dicts with ``category_id``, ``box_xyxy`` (floats) and ``area``."""
     width = int(rng.integers(min_side, max_side + 1))
     height = int(rng.integers(min_side, max_side + 1))
-    canvas = _Canvas(Image.fromarray(_background(rng, width, height)))
-    target = int(rng.integers(1, max_objects + 1))
+    canvas = _Canvas(Image.fromarray(_background(rng, width, height, variety.grain)))
+    # The demo's defaults draw no clutter and no empty images: its random stream (and files) stay as they were.
+    if variety.clutter > 0:
+        _draw_clutter(rng, canvas.image, variety)
+    empty = variety.empty_fraction > 0 and rng.random() < variety.empty_fraction
+    target = 0 if empty else int(rng.integers(variety.min_objects, variety.max_objects + 1))
     for _ in range(target):
         for _shape_try in range(6):
-            if _try_shape(rng, canvas, size_range, small_fraction):
+            if _try_shape(rng, canvas, variety):
                 break
     return canvas.image, canvas.objects
 
@@ -334,27 +390,30 @@ def _make_image(
 # --------------------------------------------------------------------------- dataset files
 
 
-def _params(
-    num_images: int,
-    seed: int,
-    min_side: int,
-    max_side: int,
-    max_objects: int,
-    size_range: tuple[float, float],
-    small_fraction: float,
-    jpeg_quality: int,
-) -> dict:
-    return {
+def _params(num_images: int, seed: int, min_side: int, max_side: int, variety: Variety, jpeg_quality: int) -> dict:
+    """The manifest's record of what was generated. Variety beyond the demo's is recorded only where it is used,
+    so the demo's cached data stays complete."""
+    params = {
         "generator_version": GENERATOR_VERSION,
         "num_images": int(num_images),
         "seed": int(seed),
         "min_side": int(min_side),
         "max_side": int(max_side),
-        "max_objects": int(max_objects),
-        "size_range": [float(size_range[0]), float(size_range[1])],
-        "small_fraction": float(small_fraction),
+        "max_objects": int(variety.max_objects),
+        "size_range": [float(variety.size_range[0]), float(variety.size_range[1])],
+        "small_fraction": float(variety.small_fraction),
         "jpeg_quality": int(jpeg_quality),
     }
+    demo = Variety(tuple(synth_classes()))
+    for key in ("min_objects", "clutter", "empty_fraction"):
+        if getattr(variety, key) != getattr(demo, key):
+            params[key] = getattr(variety, key)
+    for key in ("aspect_range", "grain"):
+        if getattr(variety, key) != getattr(demo, key):
+            params[key] = [float(v) for v in getattr(variety, key)]
+    if variety.classes != demo.classes:
+        params["num_classes"] = len(variety.classes)
+    return params
 
 
 def is_complete_dataset(out_dir: str | os.PathLike, params: dict) -> bool:
@@ -371,18 +430,26 @@ def is_complete_dataset(out_dir: str | os.PathLike, params: dict) -> bool:
     return all(_IMAGE_NAME.format(i) in present for i in range(params["num_images"]))
 
 
-def _check_params(num_images: int, min_side: int, max_side: int, max_objects: int,
-                  size_range: tuple[float, float], small_fraction: float) -> None:
+def _check_params(num_images: int, min_side: int, max_side: int, variety: Variety) -> None:
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if not (16 <= min_side <= max_side):
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
-    if max_objects < 1:
-        raise ValueError(f"max_objects must be >= 1, got {max_objects}")
-    if not (0.0 < size_range[0] <= size_range[1] <= 0.95):
-        raise ValueError(f"need 0 < size_range[0] <= size_range[1] <= 0.95, got {size_range}")
-    if not (0.0 <= small_fraction <= 1.0):
-        raise ValueError(f"small_fraction must be in [0, 1], got {small_fraction}")
+    if not (0 <= variety.min_objects <= variety.max_objects and variety.max_objects >= 1):
+        raise ValueError(f"need 0 <= min_objects <= max_objects and max_objects >= 1, got "
+                         f"{variety.min_objects}, {variety.max_objects}")
+    lo, hi = variety.size_range
+    if not (0.0 < lo <= hi <= 0.95):
+        raise ValueError(f"need 0 < size_range[0] <= size_range[1] <= 0.95, got {variety.size_range}")
+    if not (0.0 <= variety.small_fraction <= 1.0):
+        raise ValueError(f"small_fraction must be in [0, 1], got {variety.small_fraction}")
+    if not (0.0 < variety.aspect_range[0] <= variety.aspect_range[1]):
+        raise ValueError(f"need 0 < aspect_range[0] <= aspect_range[1], got {variety.aspect_range}")
+    if not 0.0 <= variety.grain[0] <= variety.grain[1]:
+        raise ValueError(f"need 0 <= grain[0] <= grain[1], got {variety.grain}")
+    if variety.clutter < 0 or not (0.0 <= variety.empty_fraction < 1.0):
+        raise ValueError(f"need clutter >= 0 and 0 <= empty_fraction < 1, got {variety.clutter}, "
+                         f"{variety.empty_fraction}")
 
 
 def _save_image(image: Image.Image, index: int, images_dir: Path, jpeg_quality: int) -> dict:
@@ -417,14 +484,15 @@ def _remove_stale_images(images_dir: Path, wanted: set[str]) -> None:
             (images_dir / name).unlink()
 
 
-def _write_annotations(out_dir: Path, params: dict, images: list[dict], annotations: list[dict]) -> None:
+def _write_annotations(out_dir: Path, params: dict, images: list[dict], annotations: list[dict],
+                       classes: list[ShapeClass]) -> None:
     """``annotations.json``, then the manifest: written last, its presence marks the dataset complete."""
     coco = {
         "info": {"description": "multibox synthetic shapes", **params},
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [dict(c) for c in SYNTH_CATEGORIES],
+        "categories": [{"id": i + 1, "name": c.name, "supercategory": "shape"} for i, c in enumerate(classes)],
     }
     atomic_write_text(out_dir / _ANNOTATIONS, json.dumps(coco))
     atomic_write_text(out_dir / _MANIFEST, json.dumps({"params": params}, indent=1, sort_keys=True))
@@ -440,6 +508,12 @@ def generate_synthetic_coco(
     max_objects: int = 10,
     size_range: tuple[float, float] = DEFAULT_SIZE_RANGE,
     small_fraction: float = DEFAULT_SMALL_FRACTION,
+    num_classes: int = len(_CLASS_SPECS),
+    min_objects: int = 1,
+    aspect_range: tuple[float, float] = _ASPECT_RANGE,
+    clutter: float = 0.0,
+    empty_fraction: float = 0.0,
+    grain: tuple[float, float] = (2.0, 8.0),
     jpeg_quality: int = 90,
     skip_if_complete: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -451,38 +525,52 @@ def generate_synthetic_coco(
         num_images: number of images (ids 1..num_images).
         seed: base seed; the same parameters give byte-identical files.
         min_side, max_side: image width and height are each drawn uniformly from [min_side, max_side].
-        max_objects: objects per image are drawn from 1..max_objects (a few fewer when a crowded
-            image has no room left for a non-overlapping placement; never fewer than 1).
+        max_objects, min_objects: objects per image are drawn from min_objects..max_objects (a few fewer when a
+            crowded image has no room left for a non-overlapping placement).
         size_range: (lo, hi) of an object's long side as a fraction of the image's shorter side.
         small_fraction: probability that an object is drawn from the small band [lo, 0.08]
             (log-uniform there; otherwise log-uniform in [0.08, hi]).
+        num_classes: 1..24 classes (:func:`synth_classes`; the demo's six by default).
+        aspect_range: width / height of ellipses, rectangles, rings and crosses.
+        clutter: mean number of unannotated distractor shapes per image (Poisson).
+        empty_fraction: share of images drawn without objects (clutter only).
+        grain: range of the background's noise standard deviation (0..255 units).
         jpeg_quality: JPEG quality (4:4:4 chroma, so small objects keep their colour).
         skip_if_complete: return at once when ``out_dir`` already holds a complete dataset made
             with the same parameters (see ``synth_manifest.json``).
         progress: optional callback ``progress(done, total)`` called after each image.
     """
-    _check_params(num_images, min_side, max_side, max_objects, size_range, small_fraction)
+    classes = synth_classes(num_classes)
+    variety = Variety(tuple(classes), min_objects, max_objects, tuple(size_range), small_fraction,
+                      tuple(aspect_range), clutter, empty_fraction, tuple(grain))
+    _check_params(num_images, min_side, max_side, variety)
     out_dir = Path(out_dir)
-    params = _params(num_images, seed, min_side, max_side, max_objects, size_range, small_fraction, jpeg_quality)
+    params = _params(num_images, seed, min_side, max_side, variety, jpeg_quality)
     ann_path = out_dir / _ANNOTATIONS
     if skip_if_complete and is_complete_dataset(out_dir, params):
         return ann_path
 
-    images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     (out_dir / _MANIFEST).unlink(missing_ok=True)  # incomplete until the manifest is rewritten
+    images, annotations = _write_images(out_dir / "images", params, variety, progress)
+    _write_annotations(out_dir, params, images, annotations, classes)
+    return ann_path
 
+
+def _write_images(images_dir: Path, params: dict, variety: Variety,
+                  progress: Callable[[int, int], None] | None) -> tuple[list[dict], list[dict]]:
+    """Draw and save every image of ``params``; returns the COCO ``images`` and ``annotations`` entries."""
     images, annotations = [], []
-    for i in range(num_images):
-        rng = np.random.default_rng([int(seed), i])
-        image, objects = _make_image(rng, min_side, max_side, max_objects, tuple(size_range), small_fraction)
-        images.append(_save_image(image, i, images_dir, jpeg_quality))
+    total = params["num_images"]
+    for i in range(total):
+        rng = np.random.default_rng([params["seed"], i])
+        image, objects = _make_image(rng, params["min_side"], params["max_side"], variety)
+        images.append(_save_image(image, i, images_dir, params["jpeg_quality"]))
         annotations += _annotations(objects, images[-1]["id"], first_id=len(annotations) + 1)
         if progress is not None:
-            progress(i + 1, num_images)
+            progress(i + 1, total)
     _remove_stale_images(images_dir, {im["file_name"] for im in images})
-    _write_annotations(out_dir, params, images, annotations)
-    return ann_path
+    return images, annotations
 
 
 def generate_demo_splits(

@@ -1,32 +1,41 @@
-"""Box-aware training / evaluation transforms (SPEC section 2, "Augmentation").
+"""Box-aware training / evaluation transforms (SPEC sections 2 and 3, "Augmentation").
 
 Input: ``(image, target)`` with image uint8 (3, H, W) and target["boxes"] float32 (n, 4)
 xyxy pixels, target["labels"] int64 (n,). Output: float32 (3, S, S) normalised as
 ``(x - mean) / std`` (mean/std in 0..255 pixel units) and boxes xyxy normalised to [0, 1]
 of the output image; labels filtered with the boxes; other keys (image_id, orig_size) kept.
 
-Speed: the crop window is chosen from the boxes alone, then the image is cropped and
-resized in one call (the crop is a view, so no full-size copy is made); flip and colour
-jitter then work on the small S x S image.
+Training steps (:class:`TrainTransform`), in the order they are applied: [zoom-out] -> crop -> resize ->
+[photometric distortion] -> colour jitter -> normalise -> flip. Speed: the crop window is chosen from the boxes
+alone, then the image is cropped and resized in one call (the crop is a view, so no full-size copy is made); the
+colour steps then work on the small S x S image (they commute with the flip, which is last).
 
 Crop acceptance rules (``rule=``):
 
-* ``"tutorial"``: the seed tutorial's test. With ``ious`` = IoU(box, window) of the boxes
-  that touch the window (IoU > 0), a window is *rejected* when ``min(ious) < t`` **and**
-  ``max(ious) > t + 0.2``. It therefore accepts windows that keep a box with IoU far below
-  ``t`` as long as no box exceeds ``t + 0.2``, and rejects good windows because of a
-  barely-touched box whose centre is outside (and which is dropped anyway). This is a known
-  defect, kept only for the ``ssd300-vgg16-seed`` preset.
-* ``"paper"``: the SSD paper's intent: accept only if every kept box (centre inside the
-  window) has ``IoU(box, window) >= t``.
+* ``"tutorial"``: the seed tutorial's test. Thresholds from {whole image, 0.1, 0.3, 0.5, 0.7, 0.9}, one round of
+  50 trials. With ``ious`` = IoU(box, window) of the boxes that touch the window (IoU > 0), a window is
+  *rejected* when ``min(ious) < t`` **and** ``max(ious) > t + 0.2``. It therefore accepts windows that keep a box
+  with IoU far below ``t`` as long as no box exceeds ``t + 0.2``, and rejects good windows because of a
+  barely-touched box whose centre is outside (and which is dropped anyway). This is a known defect (SPEC §2),
+  kept only for the ``ssd300-vgg16-seed`` preset; it also needs a kept box (centre strictly inside).
+* ``"paper"``: the reference rule of Caffe's SSD, ssd.pytorch and torchvision's
+  ``torchvision.transforms.v2.RandomIoUCrop`` (whose sampling it reproduces): thresholds from {0 (any patch),
+  0.1, 0.3, 0.5, 0.7, 0.9, whole image}; a window is accepted when **at least one** box whose centre lies strictly
+  inside has ``IoU(box, window) >= t``; 40 trials per threshold (torchvision's default); when they all fail a new
+  threshold is drawn. torchvision redraws forever; here at most :data:`PAPER_MAX_ROUNDS` rounds, then the whole
+  image is kept (see :func:`sample_crop_window`).
 
-Both also need at least one kept box (centre strictly inside, as the tutorial tests).
+Kept boxes, both rules: centre strictly inside the window (tutorial: and IoU > 0), clipped to it.
 
 The paper's augmentation (``ssd300-vgg16`` / ``ssd512-vgg16``; Liu et al. 2016, §2.2 "Data augmentation" and §3.6,
-as the released Caffe model and ssd.pytorch do it) adds to that:
+with torchvision's parameters) adds to that:
 
-* photometric distortion (:func:`sample_photometric`, :func:`photometric_distort`): brightness delta, contrast,
-  saturation and hue, each with p = 0.5, contrast either first or last;
+* photometric distortion (:func:`sample_photometric`, :func:`photometric_distort`): torchvision's
+  ``RandomPhotometricDistort`` with its defaults: brightness ×U[0.875, 1.125], contrast ×U[0.5, 1.5] (first or
+  last), saturation ×U[0.5, 1.5], hue shift U[-0.05, 0.05] turns, each with p = 0.5, then a random channel
+  permutation with p = 0.5; the same functional ops and clamps as torchvision's. One difference of place:
+  torchvision's pipeline distorts the full image before zoom-out and crop; here the distortion runs on the S x S
+  output, so the contrast pivot (the mean grey level) is that of the visible crop, not of the whole image;
 * zoom-out ("expand", p = 0.5): the image is placed at a random position on a canvas ``r`` times its size,
   ``r ~ U[1, zoom_out]``, filled with the mean; the IoU crop is then drawn on that canvas. The canvas is never
   built: the final window is known in canvas coordinates, so only the S x S output is allocated, filled with the
@@ -66,14 +75,26 @@ __all__ = [
     "sample_zoom_out",
     "sample_photometric",
     "photometric_distort",
-    "adjust_saturation_hsv",
+    "grey_level",
+    "PAPER_MIN_IOUS",
+    "TUTORIAL_MIN_IOUS",
+    "PHOTOMETRIC_RANGES",
     "zoom_out_paste_geometry",
     "build_train_transform",
     "build_eval_transform",
     "keyed_generator",
 ]
 
-DEFAULT_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9)
+# The tutorial's thresholds (None = keep the whole image) and trials.
+TUTORIAL_MIN_IOUS: tuple[float | None, ...] = (None, 0.1, 0.3, 0.5, 0.7, 0.9)
+TUTORIAL_MAX_TRIALS = 50
+# The reference rule's (torchvision RandomIoUCrop's [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0], 1.0 = keep as is).
+PAPER_MIN_IOUS: tuple[float | None, ...] = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, None)
+PAPER_MAX_TRIALS = 40
+# torchvision redraws thresholds until one succeeds. "Keep the whole image" has probability 1/7 per round, so it
+# needs more than R rounds with probability <= (6/7)^R: 2e-7 for R = 100, where our bound then keeps the whole image
+# (which is also what torchvision ends with when no threshold is feasible). A round costs one (40, n) IoU.
+PAPER_MAX_ROUNDS = 100
 RESIZE_MODES = ("antialias", "torchvision")
 
 
@@ -84,7 +105,8 @@ class CropSample(NamedTuple):
     boxes: kept boxes (k, 4) xyxy, clipped to the window, in window coordinates
         (all input boxes, unchanged, when window is None).
     labels: kept labels (k,).
-    min_iou: the sampled threshold t (None = "use the whole image" was drawn).
+    min_iou: the threshold t of the accepted window; for the tutorial rule the sampled t even when no window
+        passed; None when "use the whole image" was drawn (or, paper rule, the round bound was reached).
     """
 
     window: tuple[int, int, int, int] | None
@@ -113,9 +135,24 @@ def crop_acceptable(ious: torch.Tensor, centre_inside: torch.Tensor, t: float, r
         kept = centre_inside & touching
         return touching.any(dim=1) & ~rejected & kept.any(dim=1)
     if rule == "paper":
-        ok = (ious >= t) | ~centre_inside
-        return centre_inside.any(dim=1) & ok.all(dim=1)
+        # torchvision: some box centre inside, and max IoU over those boxes >= t (t = 0: any such window).
+        return (centre_inside & (ious >= t)).any(dim=1)
     raise ValueError(f"unknown crop rule {rule!r} (expected 'tutorial' or 'paper')")
+
+
+def _centres_inside(windows: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """(T, 4) xyxy windows, (n, 2) box centres -> (T, n) bool, centre strictly inside."""
+    return (
+        (windows[:, None, 0] < centres[None, :, 0])
+        & (windows[:, None, 1] < centres[None, :, 1])
+        & (windows[:, None, 2] > centres[None, :, 0])
+        & (windows[:, None, 3] > centres[None, :, 1])
+    )
+
+
+def _clip_to_window(boxes_xyxy: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """(k, 4) xyxy boxes clipped to a (4,) xyxy window, in window coordinates."""
+    return torch.minimum(torch.maximum(boxes_xyxy, window[:2].repeat(2)), window[2:].repeat(2)) - window[:2].repeat(2)
 
 
 def sample_crop_window(
@@ -125,16 +162,20 @@ def sample_crop_window(
     height: int,
     generator: torch.Generator | None = None,
     rule: str = "tutorial",
-    min_ious: Sequence[float | None] = DEFAULT_MIN_IOUS,
-    max_trials: int = 50,
+    min_ious: Sequence[float | None] | None = None,
+    max_trials: int | None = None,
+    max_rounds: int = PAPER_MAX_ROUNDS,
 ) -> CropSample:
-    """Random IoU-constrained crop (SSD "random sample crop"), geometry only.
+    """Random IoU-constrained crop (SSD "random sample crop"), geometry only; all numbers from ``generator``.
 
-    A threshold t is drawn from ``min_ious`` (None = keep the whole image). Then up to
-    ``max_trials`` windows with sides in [0.3, 1] of the image and h/w in [0.5, 2] are tried
-    (all drawn at once and tested vectorised; the first acceptable one wins, which has the
-    same distribution as trying them one after another). Window corners are truncated to
-    ints, as in the tutorial. If no window passes, the whole image is kept (window None).
+    A threshold t is drawn uniformly from ``min_ious`` (None = keep the whole image; default: the rule's,
+    :data:`TUTORIAL_MIN_IOUS` or :data:`PAPER_MIN_IOUS`). Then ``max_trials`` windows (default 50 tutorial, 40
+    paper) with sides in [0.3, 1] of the image and aspect ratio in [0.5, 2] are drawn at once and tested
+    vectorised; the first acceptable one wins, which has the same distribution as trying them one after another.
+    ``"tutorial"``: one round; if no window passes, the whole image is kept. ``"paper"``: if no window passes, a new
+    threshold is drawn, as torchvision's ``RandomIoUCrop`` does, for at most ``max_rounds`` rounds, then the whole
+    image is kept. The rules differ in their acceptance test (:func:`crop_acceptable`) and window geometry (each
+    its reference's, see :func:`_tutorial_crop` and :func:`_paper_crop`).
 
     Args:
         boxes_xyxy: (n, 4) float boxes in pixels.
@@ -142,6 +183,21 @@ def sample_crop_window(
         width, height: image size in pixels.
     """
     boxes_xyxy = boxes_xyxy.reshape(-1, 4).float()
+    if rule == "tutorial":
+        return _tutorial_crop(boxes_xyxy, labels, width, height, generator,
+                              TUTORIAL_MIN_IOUS if min_ious is None else tuple(min_ious),
+                              TUTORIAL_MAX_TRIALS if max_trials is None else max_trials)
+    if rule == "paper":
+        return _paper_crop(boxes_xyxy, labels, width, height, generator,
+                           PAPER_MIN_IOUS if min_ious is None else tuple(min_ious),
+                           PAPER_MAX_TRIALS if max_trials is None else max_trials, max_rounds)
+    raise ValueError(f"unknown crop rule {rule!r} (expected 'tutorial' or 'paper')")
+
+
+def _tutorial_crop(boxes_xyxy: torch.Tensor, labels: torch.Tensor, width: int, height: int,
+                   generator: torch.Generator | None, min_ious: Sequence[float | None], max_trials: int) -> CropSample:
+    """The tutorial's crop: one threshold, one round. Window sides ``U[0.3, 1]`` of the image and a
+    ``U[0, free]`` offset as floats, h/w in [0.5, 2], then corners truncated to ints, as the tutorial does."""
     t_index = int(torch.randint(len(min_ious), (1,), generator=generator))
     t = min_ious[t_index]
     # Always draw the trial numbers, so the random stream advances the same way whatever t is.
@@ -159,23 +215,55 @@ def sample_crop_window(
 
     windows_f = windows.float()
     ious = box_iou_xyxy(windows_f, boxes_xyxy)   # (T, n)
-    centres = (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
-    centre_inside = (
-        (windows_f[:, None, 0] < centres[None, :, 0])
-        & (windows_f[:, None, 1] < centres[None, :, 1])
-        & (windows_f[:, None, 2] > centres[None, :, 0])
-        & (windows_f[:, None, 3] > centres[None, :, 1])
-    )
-    ok = valid & crop_acceptable(ious, centre_inside, float(t), rule)
+    centre_inside = _centres_inside(windows_f, (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2)
+    ok = valid & crop_acceptable(ious, centre_inside, float(t), "tutorial")
     if not bool(ok.any()):
         return CropSample(None, boxes_xyxy, labels, t)
     i = int(ok.to(torch.uint8).argmax())
-    keep = centre_inside[i] if rule == "paper" else centre_inside[i] & (ious[i] > 0)
-    win = windows_f[i]
-    kept = boxes_xyxy[keep]
-    kept = torch.minimum(torch.maximum(kept, win[:2].repeat(2)), win[2:].repeat(2)) - win[:2].repeat(2)
+    keep = centre_inside[i] & (ious[i] > 0)
+    kept = _clip_to_window(boxes_xyxy[keep], windows_f[i])
     window = tuple(int(v) for v in windows[i].tolist())
     return CropSample(window, kept, labels[keep], t)
+
+
+def _paper_windows(width: int, height: int, trials: int, generator: torch.Generator | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``trials`` candidate windows drawn as torchvision's ``RandomIoUCrop`` draws them: integer sides
+    ``int(side · U[0.3, 1])`` (independently), integer aspect ``new_w / new_h`` in [0.5, 2], integer offsets
+    ``int(U[0, 1] · free)``. Returns (T, 4) float64 xyxy windows and (T,) bool valid."""
+    u = torch.rand(trials, 4, generator=generator, dtype=torch.float64)
+    new_w = (width * (0.3 + 0.7 * u[:, 0])).floor()
+    new_h = (height * (0.3 + 0.7 * u[:, 1])).floor()
+    aspect = new_w / new_h.clamp(min=1.0)
+    valid = (aspect >= 0.5) & (aspect <= 2.0) & (new_w > 0) & (new_h > 0)
+    left = ((width - new_w) * u[:, 2]).floor()
+    top = ((height - new_h) * u[:, 3]).floor()
+    return torch.stack([left, top, left + new_w, top + new_h], dim=1), valid
+
+
+def _paper_crop(boxes_xyxy: torch.Tensor, labels: torch.Tensor, width: int, height: int,
+                generator: torch.Generator | None, min_ious: Sequence[float | None], max_trials: int,
+                max_rounds: int) -> CropSample:
+    """The reference crop (torchvision ``RandomIoUCrop.make_params``): rounds of (threshold, ``max_trials``
+    windows), vectorised within a round; at least one kept box with IoU >= t accepts a window."""
+    if boxes_xyxy.shape[0] == 0:   # no box centre can ever be inside: torchvision ends on "keep as is"
+        return CropSample(None, boxes_xyxy, labels, None)
+    centres = (boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2
+    for _ in range(max_rounds):
+        t = min_ious[int(torch.randint(len(min_ious), (1,), generator=generator))]
+        if t is None:
+            break
+        windows, valid = _paper_windows(width, height, max_trials, generator)
+        windows_f = windows.float()
+        ious = box_iou_xyxy(windows_f, boxes_xyxy)   # (T, n)
+        centre_inside = _centres_inside(windows_f, centres)
+        ok = valid & crop_acceptable(ious, centre_inside, float(t), "paper")
+        if bool(ok.any()):
+            i = int(ok.to(torch.uint8).argmax())
+            keep = centre_inside[i]
+            kept = _clip_to_window(boxes_xyxy[keep], windows_f[i])
+            return CropSample(tuple(int(v) for v in windows[i].tolist()), kept, labels[keep], t)
+    return CropSample(None, boxes_xyxy, labels, None)
 
 
 # ---------------------------------------------------------------------------------------------- paper augmentation
@@ -202,51 +290,63 @@ def sample_zoom_out(
     return int(width * ratio), int(height * ratio), left, top
 
 
+# torchvision.transforms.v2.RandomPhotometricDistort's defaults: factor ranges (hue: a shift in turns).
+PHOTOMETRIC_RANGES = {"brightness": (0.875, 1.125), "contrast": (0.5, 1.5), "saturation": (0.5, 1.5),
+                      "hue": (-0.05, 0.05)}
+PHOTOMETRIC_NEUTRAL = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}
+
+
 def sample_photometric(generator: torch.Generator | None = None, p: float = 0.5) -> dict:
-    """Parameters of the paper's photometric distortion (the released Caffe model's ``distort_param``, ssd.pytorch's
-    ``PhotometricDistort``): each of brightness (delta ~ U[-32, 32] in 0..255 units), contrast (factor ~ U[0.5,
-    1.5]), saturation (factor ~ U[0.5, 1.5]) and hue (shift ~ U[-18°, 18°]) is applied with probability ``p``
-    (neutral values otherwise); contrast comes first or last with equal probability. Nine numbers are drawn."""
-    u = torch.rand(9, generator=generator, dtype=torch.float64).tolist()
-    return {
-        "brightness_delta": (u[1] * 64.0 - 32.0) if u[0] < p else 0.0,
-        "contrast": (0.5 + u[3]) if u[2] < p else 1.0,
-        "saturation": (0.5 + u[5]) if u[4] < p else 1.0,
-        "hue_degrees": (u[7] * 36.0 - 18.0) if u[6] < p else 0.0,
-        "contrast_first": u[8] < 0.5,
-    }
+    """Parameters of torchvision's ``RandomPhotometricDistort`` (defaults; its ``make_params``): each of brightness,
+    contrast, saturation (factors) and hue (shift in turns) is drawn uniformly from :data:`PHOTOMETRIC_RANGES`
+    with probability ``p``, else neutral (:data:`PHOTOMETRIC_NEUTRAL`: the step is skipped); ``contrast_first``
+    with probability 0.5; ``permutation``: a uniformly random permutation of the 3 channels (identity included,
+    as ``torch.randperm``) with probability ``p``, else None.
 
-
-def adjust_saturation_hsv(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Scale HSV saturation by ``factor`` (clamped to S <= 1), keeping hue and value, on a (3, H, W) float image
-    in any non-negative range.
-
-    In HSV every channel is ``c = V·(1 - S·g_c(H))``, so ``V - c`` is proportional to S: scaling S by k moves each
-    channel to ``V - k·(V - c)``. No colour-space round trip is needed. (torchvision's ``adjust_saturation`` blends
-    with the grey *luminance* image instead, a different operation.)
+    Always draws 10 uniforms and one ``randperm(3)`` from ``generator``, whatever is applied.
     """
-    if factor == 1.0:
-        return x
-    v = x.amax(dim=0, keepdim=True)
-    spread = v - x.amin(dim=0, keepdim=True)
-    # k = min(factor, 1/S) with S = spread / V; written without dividing by zero (spread = 0: grey, unchanged).
-    k = torch.where(spread * factor > v, v / spread.clamp(min=1e-12), torch.full_like(v, factor))
-    return v - (v - x) * k
+    u = torch.rand(10, generator=generator, dtype=torch.float64).tolist()
+    permutation = tuple(torch.randperm(3, generator=generator).tolist())
+    params: dict = {}
+    for k, key in enumerate(("brightness", "contrast", "saturation", "hue")):
+        lo, hi = PHOTOMETRIC_RANGES[key]
+        params[key] = lo + (hi - lo) * u[2 * k + 1] if u[2 * k] < p else PHOTOMETRIC_NEUTRAL[key]
+    params["contrast_first"] = u[8] < 0.5
+    params["permutation"] = permutation if u[9] < p else None
+    return params
+
+
+def grey_level(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) RGB -> (..., 1, H, W) grey level, torchvision's ``rgb_to_grayscale`` weights and op order."""
+    r, g, b = x.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
+
+
+def _blend_255(x: torch.Tensor, other: torch.Tensor, ratio: float) -> torch.Tensor:
+    """torchvision's ``_blend`` (``ratio·x + (1 - ratio)·other``, clamped to the range) in 0..255 units."""
+    return x.mul(ratio).add_(other, alpha=1.0 - ratio).clamp_(0.0, 255.0)
 
 
 def photometric_distort(x: torch.Tensor, params: dict) -> torch.Tensor:
     """Apply :func:`sample_photometric`'s parameters to a (3, H, W) float image in 0..255 units (in place where
-    possible). Values are clamped to [0, 255] after each step, as the Caffe implementation's 8-bit images are."""
-    if params["brightness_delta"] != 0.0:
-        x = x.add_(params["brightness_delta"]).clamp_(0.0, 255.0)
+    possible), as ``RandomPhotometricDistort.transform`` does: brightness, [contrast], saturation, hue, [contrast],
+    channel permutation, each step torchvision's functional op (``adjust_brightness / contrast / saturation / hue``,
+    ``permute_channels``) on [0, 1] floats, here scaled by 255, with its clamp to the range after every step.
+
+    Contrast blends with the mean grey level of ``x`` itself (the visible crop in :class:`TrainTransform`, see the
+    module docstring); saturation with each pixel's grey level. Returns (3, H, W)."""
+    if params["brightness"] != 1.0:
+        x = x.mul_(params["brightness"]).clamp_(0.0, 255.0)
     if params["contrast_first"] and params["contrast"] != 1.0:
-        x = x.mul_(params["contrast"]).clamp_(0.0, 255.0)
+        x = _blend_255(x, grey_level(x).mean(dim=(-3, -2, -1), keepdim=True), params["contrast"])
     if params["saturation"] != 1.0:
-        x = adjust_saturation_hsv(x, params["saturation"])
-    if params["hue_degrees"] != 0.0:
-        x = F.adjust_hue(x.div_(255.0), params["hue_degrees"] / 360.0).mul_(255.0)
+        x = _blend_255(x, grey_level(x), params["saturation"])
+    if params["hue"] != 0.0:
+        x = F.adjust_hue(x.div_(255.0), params["hue"]).mul_(255.0)
     if not params["contrast_first"] and params["contrast"] != 1.0:
-        x = x.mul_(params["contrast"]).clamp_(0.0, 255.0)
+        x = _blend_255(x, grey_level(x).mean(dim=(-3, -2, -1), keepdim=True), params["contrast"])
+    if params["permutation"] is not None:
+        x = x[list(params["permutation"])]
     return x
 
 
@@ -355,8 +455,8 @@ def window_target(target: dict, params: dict, window: tuple[int, int, int, int])
 
 
 class TrainTransform(_SeededMixin):
-    """Training augmentation: [zoom-out] -> crop -> resize -> flip -> [photometric distortion] -> colour jitter
-    -> normalise.
+    """Training augmentation: [zoom-out] -> crop -> resize -> [photometric distortion] -> colour jitter -> normalise
+    -> flip (see the module docstring).
 
     Args:
         size: output side S.
@@ -365,16 +465,19 @@ class TrainTransform(_SeededMixin):
         flip_p: probability of a horizontal flip.
         jitter: (brightness, contrast, saturation) strengths; factors ~ U[1-s, 1+s], applied
             in this fixed order (0 disables one).
-        min_ious: crop thresholds to choose from (None = whole image).
+        min_ious: crop thresholds to choose from (an entry None = whole image); None: the crop rule's own
+            (:data:`TUTORIAL_MIN_IOUS` or :data:`PAPER_MIN_IOUS`).
         seed: see :class:`_SeededMixin`.
-        photometric: the paper's photometric distortion (:func:`sample_photometric`).
+        photometric: the paper's photometric distortion, torchvision's ``RandomPhotometricDistort``
+            (:func:`sample_photometric`, :func:`photometric_distort`).
         zoom_out: largest zoom-out ratio (the paper: 4); <= 1 disables it (:func:`sample_zoom_out`).
         zoom_out_p: probability of a zoom-out.
         fill: the zoom-out canvas colour in 0..255 units (default: ``mean``, which normalises to 0).
         resize: "antialias" or "torchvision" (see the module docstring).
 
     Random numbers are drawn in this order: zoom-out (only if enabled), crop, flip and jitter, photometric (only if
-    enabled); with both disabled the stream, and so every output, is the same as without these options.
+    enabled); with both disabled the stream, and so every output, is the same as without these options. (The paper
+    crop draws a variable amount: one threshold per round, and 40 windows per round that draws one.)
     ``last_params`` holds the parameters of the most recent call (for tests / debugging);
     :meth:`apply` replays given parameters.
 
@@ -393,7 +496,7 @@ class TrainTransform(_SeededMixin):
         crop_rule: str | None = "tutorial",
         flip_p: float = 0.5,
         jitter: Sequence[float] = (0.4, 0.4, 0.4),
-        min_ious: Sequence[float | None] = DEFAULT_MIN_IOUS,
+        min_ious: Sequence[float | None] | None = None,
         seed: int | None = None,
         photometric: bool = False,
         zoom_out: float = 0.0,
@@ -411,7 +514,7 @@ class TrainTransform(_SeededMixin):
         self.crop_rule = crop_rule
         self.flip_p = float(flip_p)
         self.jitter = tuple(float(j) for j in jitter)
-        self.min_ious = tuple(min_ious)
+        self.min_ious = None if min_ious is None else tuple(min_ious)
         self.seed = seed
         self.photometric = bool(photometric)
         self.zoom_out = float(zoom_out or 0.0)

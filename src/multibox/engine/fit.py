@@ -6,6 +6,10 @@ Writes into the run folder: ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (eve
 was evaluated), ``curves.png`` and at the end the report of ``best.pt`` (``pr_curves.png``,
 ``confusion_matrix.png``, ``samples.png``, ``index.html``).
 
+How long: ``train.epochs`` (a number, or ``auto``: sized by the data, :func:`multibox.engine.budget.auto_epochs`),
+or a time budget ``train.time`` (``--time 15m``) that settles the epochs once a minute of training is timed
+(:func:`fit_budget`); either way the run's ``config.yaml`` then holds the number of epochs it trains.
+
 Reliability (a run lasts days):
 
 * a new run refuses a folder that holds files (``exist_ok`` starts over in it), a resume one without ``last.pt``;
@@ -27,8 +31,9 @@ Reliability (a run lasts days):
 
 Data-parallel: ``torchrun --nproc_per_node=N -m multibox train ...`` (see :mod:`multibox.distributed`). Each rank
 reads a disjoint part of every epoch (``EpochShuffleSampler``: global batch s holds the same images whatever N
-is), ``train.batch_size`` is the per-rank batch (global batch = batch_size x N; the LR schedule
-is not rescaled), gradients are synchronised by DistributedDataParallel, the loss is normalised by the global
+is), ``train.batch_size`` is the global batch (each rank takes batch_size / N, which must divide; so the preset's
+LR, set for its batch, and the steps per epoch are those of one process), gradients are synchronised by
+DistributedDataParallel, the loss is normalised by the global
 number of positives, rank 0 alone logs and writes files, and evaluation runs on all ranks and is gathered.
 With ``train.freeze_bn`` the N-process run computes the same updates as one process with the global batch; with
 BatchNorm in training mode each rank normalises over its own images (``train.sync_bn`` on CUDA syncs them).
@@ -56,6 +61,7 @@ from multibox.core.losses import build_criterion
 from multibox.core.matching import build_encoder
 from multibox.data.build import DataSplits, EpochShuffleSampler, build_splits, make_loader
 from multibox.data.gpu_transforms import DeviceAugmentLoader, build_batch_augment
+from multibox.engine.budget import BudgetFit, MEASURE_SECONDS, auto_epochs, fit_epochs_to_budget
 from multibox.engine.interrupt import StopRequest, TrainingInterrupted
 from multibox.engine.loop import EpochProgress, NonFiniteTrainingError, StepOptions, StepParts, train_one_epoch
 from multibox.engine.optim import build_optimizer, make_grad_scaler
@@ -68,8 +74,10 @@ from multibox.evaluation.plots import plot_training_curves
 from multibox.evaluation.provenance import eval_provenance, run_checkpoint_record
 from multibox.evaluation.report import detections_for_report, write_eval_report
 from multibox.errors import InputError
+from multibox.interop.pretrained import plan_initial_weights, prepare_for_training
 from multibox.io import remove_leftover_temporaries
 from multibox.models import build_model, count_parameters
+from multibox.models.published import InitialWeights
 from multibox.runtime import cpu_threads, deterministic_mode, resolve_device, seed_everything
 
 logger = logging.getLogger("multibox.train")
@@ -104,6 +112,8 @@ class Run:
     best: dict = field(default_factory=lambda: {"AP": -1.0})
     best_result: CocoEvalResult | None = None
     best_detections: list[dict] | None = None   # rank 0: best_result's detections that its report draws
+    started: float = field(default_factory=time.monotonic)     # when the run began (train.time counts from it)
+    training: tuple[float, int] | None = None    # (monotonic s, global step) when this process's first step began
 
     @property
     def device(self) -> torch.device:
@@ -111,9 +121,15 @@ class Run:
 
     @property
     def geometry(self) -> dict:
-        """What decides the batches of an epoch (a mid-epoch resume needs the same)."""
+        """What decides the batches of an epoch (a mid-epoch resume needs the same); ``batch_size`` is the global
+        batch."""
         return {"steps_per_epoch": self.steps_per_epoch, "world_size": self.env.world_size,
                 "batch_size": self.cfg.train.batch_size}
+
+    @property
+    def rank_batch(self) -> int:
+        """This rank's share of the global batch ``train.batch_size`` (:func:`multibox.distributed.per_rank_batch`)."""
+        return mbdist.per_rank_batch(self.cfg.train.batch_size, self.env.world_size)
 
 
 def fit(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool = True, dry_run: bool = False,
@@ -130,6 +146,7 @@ def fit(cfg: Config, out_dir: str | Path, resume: bool = False, progress: bool =
     with deterministic_mode(cfg.train.deterministic, cfg.train.threads), cpu_threads(cfg.train.threads):
         env = mbdist.init_distributed(device.type, cfg.train.dist_backend)
         try:
+            mbdist.per_rank_batch(cfg.train.batch_size, env.world_size)   # an indivisible batch: before any work
             if env.distributed and device.type == "cuda":
                 device = torch.device("cuda", env.local_rank)
             return _fit(cfg, Path(out_dir), resume, progress, dry_run, exist_ok, device, env)
@@ -144,7 +161,12 @@ def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, ex
     if not dry_run:
         check_run_folder(out, resume, exist_ok)
     _prepare_process(cfg, device)
-    run = build_run(cfg, out, device, env, progress=progress and env.is_main)
+    # A new run's weights files are resolved (fetched once, or one line saying how to get them) before any data is
+    # read; a resumed run's last.pt holds its weights.
+    initial = None if resume else plan_initial_weights(cfg)
+    started = time.monotonic()
+    run = build_run(cfg, out, device, env, progress=progress and env.is_main, initial=initial)
+    run.started = started
     if dry_run:
         return dry_run_step(run)
     if resume:
@@ -155,6 +177,8 @@ def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, ex
         with run.stop:
             while run.epoch < cfg.train.epochs:
                 train_epoch(run)
+                if run.cfg.train.time:   # a budget not yet fitted: at the latest when the first epoch ends
+                    fit_budget(run, run.step)
                 if env.distributed:
                     mbdist.broadcast_buffers(run.model)   # rank 0's BatchNorm statistics everywhere (eval, checkpoints)
                 if _evaluation_due(cfg, run.epoch):
@@ -202,11 +226,16 @@ def _prepare_process(cfg: Config, device: torch.device) -> None:
     seed_everything(cfg.train.seed)   # same on every rank: identical initial weights (DDP also broadcasts them)
 
 
-def build_run(cfg: Config, out: Path, device: torch.device, env: mbdist.DistEnv, progress: bool) -> Run:
+def build_run(cfg: Config, out: Path, device: torch.device, env: mbdist.DistEnv, progress: bool,
+              initial: InitialWeights | None = None) -> Run:
     """The data, the model, the optimizer and this rank's training loader, in an order that fixes the RNG draws
     (initial weights from the common seed, then each rank its own stream)."""
     splits = build_splits(cfg)
-    model = _build_model(cfg, splits, device, env)
+    if cfg.train.epochs == "auto":
+        cfg.train.epochs = auto_epochs(len(splits.train), cfg.train.auto_images, cfg.train.auto_max_epochs)
+        _info(f"train.epochs = {cfg.train.epochs} (auto: about {cfg.train.auto_images:,} training images seen, "
+              f"{len(splits.train):,} per epoch)")
+    model = _build_model(cfg, splits, device, env, initial)
     data_report = _flat_counts(splits.load_report)   # build_splits has logged it; metrics.jsonl records it
     if env.rank:
         torch.manual_seed(cfg.train.seed + env.rank)   # each rank its own stream (augmentation is keyed anyway)
@@ -224,17 +253,22 @@ def build_run(cfg: Config, out: Path, device: torch.device, env: mbdist.DistEnv,
     return Run(cfg, out, env, splits, model, parts, sampler, loader, steps_per_epoch, data_report, log)
 
 
-def _build_model(cfg: Config, splits: DataSplits, device: torch.device, env: mbdist.DistEnv) -> nn.Module:
-    """The SSD for the data's classes (``model.num_classes`` follows the data), on ``device``."""
+def _build_model(cfg: Config, splits: DataSplits, device: torch.device, env: mbdist.DistEnv,
+                 initial: InitialWeights | None = None) -> nn.Module:
+    """The SSD for the data's classes (``model.num_classes`` follows the data), on ``device``, starting from
+    ``initial`` (a new run: :func:`multibox.interop.pretrained.prepare_for_training`), its frozen stages frozen."""
     if cfg.model.num_classes != len(splits.class_names) - 1:
         _info(f"model.num_classes = {len(splits.class_names) - 1} (from the data's categories)")
         cfg.model.num_classes = len(splits.class_names) - 1
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    prepare_for_training(model, cfg, initial, splits.class_names)
+    model = model.to(device)
     if cfg.train.channels_last:   # ~10% faster CPU steps; the convolutions then pick NHWC for the input too
         model = model.to(memory_format=torch.channels_last)
     _info(f"{cfg.model.arch}: {count_parameters(model):,} parameters, {model.anchors_cxcywh.shape[0]} default boxes, "
           f"{len(splits.train)} training / {len(splits.val)} evaluation images, device {device}"
-          + (f", {env.world_size} processes x batch {cfg.train.batch_size}" if env.distributed else ""))
+          + (f", {env.world_size} processes x batch {mbdist.per_rank_batch(cfg.train.batch_size, env.world_size)} "
+             f"(global batch {cfg.train.batch_size})" if env.distributed else ""))
     return model
 
 
@@ -250,14 +284,17 @@ def _data_parallel(model: nn.Module, env: mbdist.DistEnv, device: torch.device) 
 
 def build_train_loader(cfg: Config, splits: DataSplits, env: mbdist.DistEnv,
                        device: torch.device) -> tuple[EpochShuffleSampler, Iterable]:
-    """This rank's sampler and loader of the training set (call ``sampler.set_epoch`` every epoch)."""
+    """This rank's sampler and loader of the training set (call ``sampler.set_epoch`` every epoch): batches of
+    ``train.batch_size / world_size`` images, so that global batch s holds the same images, and an epoch the same
+    number of steps, for every world size (``EpochShuffleSampler``)."""
     # keyed: every sample's augmentation is drawn from (seed, epoch, index), whatever worker or rank loads it.
     sampler = EpochShuffleSampler(len(splits.train), env.world_size, env.rank, seed=cfg.train.seed, keyed=True)
     # data.pipeline: batched: workers decode and draw parameters, the batch is augmented on `device` (prefetched)
     augment = build_batch_augment(cfg) if cfg.data.pipeline == "batched" else None
-    loader = make_loader(splits.train, cfg.train.batch_size, shuffle=True, num_workers=cfg.data.num_workers,
-                         seed=cfg.train.seed + 1000 * env.rank,
-                         drop_last=len(splits.train) >= cfg.train.batch_size * env.world_size, sampler=sampler,
+    # An incomplete last global batch is dropped (as one process drops it), unless it would be the only one.
+    loader = make_loader(splits.train, mbdist.per_rank_batch(cfg.train.batch_size, env.world_size), shuffle=True,
+                         num_workers=cfg.data.num_workers, seed=cfg.train.seed + 1000 * env.rank,
+                         drop_last=len(splits.train) >= cfg.train.batch_size, sampler=sampler,
                          collate_fn=None if augment is None else augment.collate)
     if augment is not None:
         loader = DeviceAugmentLoader(loader, augment, device)
@@ -279,7 +316,7 @@ def start_run(run: Run) -> None:
     for name in ("metrics.jsonl", "last.pt"):
         (run.out / name).unlink(missing_ok=True)
     run.log({"kind": "data", "train_images": len(run.splits.train), "val_images": len(run.splits.val),
-             "world_size": run.env.world_size, "global_batch": run.cfg.train.batch_size * run.env.world_size,
+             "world_size": run.env.world_size, "global_batch": run.cfg.train.batch_size,
              **run.data_report})
 
 
@@ -303,10 +340,12 @@ def train_epoch(run: Run) -> None:
     run.loader.generator.manual_seed(cfg.train.seed + 1000 * run.env.rank + epoch)   # worker seeds: history-free
     # The shuffle of epoch e does not depend on history (nor on the world size); a resumed epoch skips the batches
     # already done.
-    run.sampler.set_epoch(epoch, start=run.progress.batch * cfg.train.batch_size)
+    run.sampler.set_epoch(epoch, start=run.progress.batch * run.rank_batch)
     t0 = time.time()
+    if run.training is None:
+        run.training = (time.monotonic(), run.step)
     stats = train_one_epoch(run.parts, run.loader, run.step, state=run.progress, log=run.log,
-                            after_batch=partial(checkpoint_in_epoch, run), desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+                            after_batch=partial(after_batch, run), desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
     run.step, streak = stats.pop("next_step"), stats.pop("nonfinite_streak")
     run.epoch, run.progress = epoch + 1, EpochProgress(nonfinite_streak=streak)
     if run.log is not None:
@@ -315,6 +354,39 @@ def train_epoch(run: Run) -> None:
     _info(f"epoch {run.epoch}/{cfg.train.epochs}: loss {stats['loss']:.4f} (cls {stats['loss_cls']:.4f}, "
           f"loc {stats['loss_loc']:.4f}), {time.time() - t0:.1f}s"
           + (f", {stats['skipped_images']} unreadable images skipped" if stats["skipped_images"] else ""))
+
+
+def after_batch(run: Run, progress: EpochProgress, next_step: int) -> None:
+    """After every batch: fit the time budget once it has been measured, then :func:`checkpoint_in_epoch`."""
+    if run.cfg.train.time:
+        measured = time.monotonic() - run.training[0] >= MEASURE_SECONDS
+        if _joint(run, measured)[0]:
+            fit_budget(run, next_step)
+    checkpoint_in_epoch(run, progress, next_step)
+
+
+def fit_budget(run: Run, next_step: int) -> BudgetFit:
+    """Settle ``train.epochs`` to end the run within ``train.time`` minutes of its start, from the steps timed so
+    far (rank 0's measurement, on every rank): the LR schedule is rebuilt for the new length (``multistep``
+    milestones scaled with it), ``train.time`` cleared (a resume trains the settled epochs), ``config.yaml``
+    rewritten and a ``budget`` record logged."""
+    train = run.cfg.train
+    now = time.monotonic()
+    fitted = fit_epochs_to_budget(60 * train.time, now - run.started, now - run.training[0],
+                                  next_step - run.training[1], next_step, run.steps_per_epoch,
+                                  train.batch_size, len(run.splits.val), train.eval_every)
+    if run.env.distributed:
+        fitted = mbdist.broadcast_object(fitted)
+    if train.schedule == "multistep":
+        train.milestones = [max(1, round(m * fitted.epochs / train.epochs)) for m in train.milestones]
+    minutes, train.epochs, train.time = train.time, fitted.epochs, None
+    run.parts.lr_at = build_lr_schedule(train, run.steps_per_epoch)
+    if run.log is not None:
+        save_config(run.cfg, run.out / "config.yaml")
+        run.log(fitted.record(minutes))
+    _info(f"train.epochs = {fitted.epochs} to finish within {minutes:g} min (a step takes "
+          f"{fitted.step_seconds:.3f} s, the evaluation about {fitted.eval_seconds:.0f} s)")
+    return fitted
 
 
 def checkpoint_in_epoch(run: Run, progress: EpochProgress, next_step: int) -> None:
@@ -364,7 +436,8 @@ def save_last(run: Run, progress: EpochProgress, next_step: int) -> dict:
     check_finite_weights(run.model)   # on every rank: all stop together
     rng = gather_rng(run.device)
     scaler = run.parts.scaler
-    state = checkpoint_payload(run.cfg, run.model, run.splits.class_names, optimizer=run.parts.optimizer.state_dict(),
+    state = checkpoint_payload(run.cfg, run.model, run.splits.class_names, run.splits.category_ids,
+                               optimizer=run.parts.optimizer.state_dict(),
                                scaler=None if scaler is None else scaler.state_dict(), epoch=run.epoch,
                                step=next_step, best=run.best, rng=rng, progress=progress.to_dict(), **run.geometry)
     if run.env.is_main:
@@ -395,8 +468,8 @@ def save_best(run: Run, result: CocoEvalResult, detections: list[dict]) -> None:
     check_finite_weights(run.model)
     if run.env.is_main:
         best = run.out / "best.pt"
-        save_checkpoint(checkpoint_payload(run.cfg, run.model, run.splits.class_names, epoch=run.epoch,
-                                           metrics=run.best), best)
+        save_checkpoint(checkpoint_payload(run.cfg, run.model, run.splits.class_names, run.splits.category_ids,
+                                           epoch=run.epoch, metrics=run.best), best)
         checkpoint = run_checkpoint_record(best.name, run.epoch)
         write_eval_json(run.out / "eval.json", result, extra=eval_provenance(run.cfg, run.splits, result, checkpoint))
         run.best_detections = detections_for_report(detections)

@@ -9,12 +9,14 @@ from multibox.runtime import training_amp_dtype
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """Momentum SGD (the tutorial and the paper) or AdamW; BatchNorm's scale and shift get no weight decay (as
-    MindSpore's default decay filter)."""
+    """Momentum SGD (the tutorial and the paper) or AdamW over the trainable parameters; BatchNorm's scale and shift
+    get no weight decay (as MindSpore's default decay filter). Frozen parameters (``requires_grad=False``: the VGG16
+    stages a pretrained run does not train) are left out, so that neither weight decay nor momentum moves them."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                    for p in m.parameters()}
-    decay = [p for p in model.parameters() if id(p) not in norm_params]
-    no_decay = [p for p in model.parameters() if id(p) in norm_params]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if id(p) not in norm_params]
+    no_decay = [p for p in trainable if id(p) in norm_params]
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

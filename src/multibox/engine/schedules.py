@@ -27,11 +27,17 @@ def warmup_multistep_lr(step: int, warmup_steps: int, lr_init: float, lr_peak: f
 
 
 def build_lr_schedule(train: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """global step -> learning rate of ``train.schedule``. No step exceeds ``train.lr``: ``lr_init`` and ``lr_end``
+    are capped at it, so that a lower ``train.lr`` (fine-tuning) never warms up from above, and ``train.lr: 0``
+    moves nothing (a way to evaluate where fine-tuning starts)."""
+    if not isinstance(train.epochs, int):   # "auto" is settled by the run, once it knows its data
+        raise ValueError(f"train.epochs must be settled to a number before the schedule is built, not {train.epochs!r}")
     warmup = round(train.warmup_epochs * steps_per_epoch)
+    lr_init, lr_end = min(train.lr_init, train.lr), min(train.lr_end, train.lr)
     if train.schedule == "warmup_cosine":
         return partial(warmup_cosine_lr, total_steps=train.epochs * steps_per_epoch, warmup_steps=warmup,
-                       lr_init=train.lr_init, lr_peak=train.lr, lr_end=train.lr_end)
+                       lr_init=lr_init, lr_peak=train.lr, lr_end=lr_end)
     if train.schedule == "multistep":
-        return partial(warmup_multistep_lr, warmup_steps=warmup, lr_init=train.lr_init, lr_peak=train.lr,
+        return partial(warmup_multistep_lr, warmup_steps=warmup, lr_init=lr_init, lr_peak=train.lr,
                        milestones=[m * steps_per_epoch for m in train.milestones], gamma=train.gamma)
     raise ValueError(f"unknown train.schedule {train.schedule!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -12,14 +13,19 @@ from torch import nn
 from multibox import distributed as mbdist
 from multibox.checkpoint import CheckpointError, load_checkpoint
 from multibox.config import Config
+from multibox.data.categories import category_ids_of
 from multibox.engine.loop import EpochProgress, NonFiniteTrainingError
 from multibox.io import atomic_write_text
 
 
-def checkpoint_payload(cfg: Config, model: nn.Module, class_names: list[str], **state) -> dict:
-    """A checkpoint: the SSD's weights (unwrapped from DistributedDataParallel), the config, the class names and
-    ``state`` (training checkpoints: optimizer, scaler, epoch, step, best, rng, progress, geometry)."""
+def checkpoint_payload(cfg: Config, model: nn.Module, class_names: list[str], category_ids: Sequence[int] | None = None,
+                       **state) -> dict:
+    """A checkpoint: the SSD's weights (unwrapped from DistributedDataParallel), the config, the class names, the
+    data's category id of each label 1..C (``category_ids[label - 1]``; None: the fallback of
+    :func:`multibox.data.categories.category_ids_of`, which training never relies on) and ``state`` (training
+    checkpoints: optimizer, scaler, epoch, step, best, rng, progress, geometry)."""
     return {"model": mbdist.unwrap(model).state_dict(), "config": cfg.to_dict(), "class_names": class_names,
+            "category_ids": category_ids_of(class_names, None if category_ids is None else list(category_ids)),
             **state}
 
 

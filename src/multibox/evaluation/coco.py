@@ -120,7 +120,8 @@ def _load_gt(gt: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
     """Return a private, evaluator-ready copy of a COCO instances dataset.
 
     The copy matters: both backends write into the annotation dicts they are given
-    (``ignore`` flags, ids, areas), and the caller's dataset must not change.
+    (``ignore`` flags, ids, areas), and the caller's dataset must not change. Its annotation ids are
+    1..n in order (the caller's must be distinct; 0 would never be matched, see the end).
     """
     if isinstance(gt, (str, os.PathLike)):
         with open(gt, encoding="utf-8") as f:
@@ -141,7 +142,7 @@ def _load_gt(gt: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("ground truth has duplicate image ids")
     if len({c["id"] for c in categories}) != len(categories):
         raise ValueError("ground truth has duplicate category ids")
-    # Annotation ids key the evaluators' index: a duplicate id silently drops a box.
+    # Annotation ids key the evaluators' index: a duplicate id silently drops a box (refused: the data is wrong).
     n_with_id = sum("id" in a for a in anns)
     if n_with_id == 0:
         for i, a in enumerate(anns, start=1):
@@ -167,6 +168,11 @@ def _load_gt(gt: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
             a["area"] = float(w) * float(h)
         a.setdefault("iscrowd", 0)
 
+    # Both evaluators mark an unmatched box with the id 0 (pycocotools' gtm / dtm arrays, faster-coco-eval alike), so
+    # a ground-truth box with id 0 could never count as matched: the private copy numbers them 1..n (the caller's
+    # ids, already checked distinct, are not used past this point).
+    for i, a in enumerate(anns, start=1):
+        a["id"] = i
     out = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
     out.update(images=images, annotations=anns, categories=categories)
     return out

@@ -12,6 +12,7 @@ from multibox import distributed as mbdist
 from multibox.config import Config
 from multibox.core.postprocess import PostProcessor, build_postprocessor, detections_to_cpu
 from multibox.data.build import DataSplits, make_loader
+from multibox.data.categories import category_ids_of, match_categories
 from multibox.evaluation.coco import evaluate_coco
 from multibox.evaluation.results import to_coco_results
 from multibox.evaluation.voc import evaluate_voc
@@ -43,22 +44,17 @@ def collect_coco_results(model: nn.Module, postprocess: PostProcessor, loader: I
     return results
 
 
-def category_map_by_name(model_class_names: list[str], splits: DataSplits) -> dict[int, int | None]:
-    """Model label -> the evaluated data's category id, matched by class name (index 0 is background).
+def category_map_by_name(model_class_names: list[str], splits: DataSplits,
+                         model_category_ids: list[int] | None = None) -> dict[int, int | None]:
+    """Model label -> the evaluated data's category id (:func:`multibox.data.categories.match_categories`: by
+    (name, id), then by name; index 0 is background). ``model_category_ids``: the checkpoint's ``category_ids``
+    (None: :func:`~multibox.data.categories.category_ids_of`'s fallback for the names).
 
-    Equal class lists give the data's own mapping. A model may have more classes than the data -- torchvision's
-    91 COCO slots with their "N/A" gaps, or a subset of categories being evaluated: those labels map to None and
-    their detections are not scored. Every class of the data must be a class of the model."""
-    if list(model_class_names) == list(splits.class_names):
-        return dict(splits.label_to_category_id)
-    model_label = {name: label for label, name in enumerate(model_class_names) if label}
-    missing = [name for name in splits.class_names[1:] if name not in model_label]
-    if missing:
-        raise ValueError(f"the data's classes {missing} are not classes of the model "
-                         f"({', '.join(model_class_names[1:])})")
-    category_of_name = {name: splits.label_to_category_id[label] for label, name in enumerate(splits.class_names)
-                        if label}
-    return {label: category_of_name.get(name) for label, name in enumerate(model_class_names) if label}
+    A model may have more classes than the data -- torchvision's 91 COCO slots with their "N/A" gaps, or a subset
+    of categories being evaluated: those labels map to None and their detections are not scored. Every class of
+    the data must be a class of the model (ValueError)."""
+    model_ids = category_ids_of(model_class_names, model_category_ids)
+    return match_categories(model_class_names, model_ids, splits.class_names, splits.label_to_category_id)
 
 
 def evaluate_model(cfg: Config, model: nn.Module, splits: DataSplits, device: torch.device, progress: bool = False,

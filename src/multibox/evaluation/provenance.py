@@ -61,7 +61,8 @@ def evaluation_data_key(cfg: Config) -> dict[str, Any]:
     """The config values that decide which images evaluation scores, against which ground truth (paths
     resolved): equal keys, equal evaluation sets. Computed without touching the data (the demo set included)."""
     d = cfg.data
-    key: dict[str, Any] = {"voc_split": d.voc_split, "keep_difficult": d.keep_difficult, "keep_empty": d.keep_empty,
+    # Not data.keep_empty: it filters the training split only, the evaluation split keeps its empty images.
+    key: dict[str, Any] = {"voc_split": d.voc_split, "keep_difficult": d.keep_difficult,
                            "image_root": _resolved(d.image_root)}
     if d.val_path:                 # every image of the validation source
         key["source"] = _resolved(d.val_path)

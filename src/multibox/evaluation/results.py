@@ -21,16 +21,15 @@ BBOX_DECIMALS = 3
 SCORE_DECIMALS = 5
 
 
-def to_coco_results(image_id: Any, detections: Mapping[str, Tensor],
-                    label_to_category_id: Mapping[int, int | None] | None = None,
+def to_coco_results(image_id: Any, detections: Mapping[str, Tensor], label_to_category_id: Mapping[int, int | None],
                     class_names: Sequence[str] | None = None, **extra: Any) -> list[dict]:
     """One image's detections -> COCO result dicts, in detection order.
 
     Args:
         image_id: the ``image_id`` of every result (an int id, a file stem, a frame index).
         detections: ``boxes`` (K, 4) xyxy pixels, ``scores`` (K,), ``labels`` (K,) int model labels.
-        label_to_category_id: model label -> ``category_id``; a label mapped to None (a class of the model that
-            the evaluated data does not have) is left out. None: the label itself is the ``category_id``.
+        label_to_category_id: model label -> ``category_id`` (:mod:`multibox.data.categories`: a label is not an
+            id); a label mapped to None (a class of the model that the evaluated data does not have) is left out.
         class_names: when given, each result also has ``category_name`` = ``class_names[label]``.
         extra: fields added to every result after ``score`` (e.g. ``video``, ``time``).
     Returns:
@@ -44,7 +43,7 @@ def to_coco_results(image_id: Any, detections: Mapping[str, Tensor],
     labels = detections["labels"].cpu().tolist()
     results = []
     for box_ltwh, score, label in zip(boxes_ltwh, scores, labels):
-        category_id = label if label_to_category_id is None else label_to_category_id[label]
+        category_id = label_to_category_id[label]
         if category_id is None:
             continue
         result = {"image_id": image_id, "category_id": category_id}

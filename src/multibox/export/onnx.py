@@ -20,7 +20,8 @@ Outputs with postprocessing (the default), K = the per-image detection cap:
 - ``boxes``: (N, K, 4) float32 xyxy, normalised to [0, 1] of the input image: multiply by (W, H, W, H) of the
   original image to get its pixels (the S x S resize scales each axis independently);
 - ``scores``: (N, K) float32, descending within an image;
-- ``labels``: (N, K) int64 class indices 1..C into the class names stored in the model's metadata (0 is background);
+- ``labels``: (N, K) int64 class indices 1..C into the class names stored in the model's metadata (0 is background;
+  ``multibox.category_ids[label - 1]`` is the label's ``category_id`` in the data);
 - ``num_detections``: (N,) int64; entries at positions >= num_detections[i] are padding
   (boxes 0, scores 0, labels -1).
 
@@ -36,7 +37,8 @@ With ``--no-postprocess`` the outputs are the raw ``loc`` (N, A, 4) offsets, ``c
 constant ``anchors_cxcywh`` (A, 4) default boxes, for users who decode and suppress themselves.
 
 The model's metadata (``metadata_props``) holds ``multibox.config`` (the full config as JSON),
-``multibox.class_names`` (JSON list, index 0 = "background"), ``multibox.postprocess`` ("1"/"0"),
+``multibox.class_names`` (JSON list, index 0 = "background"), ``multibox.category_ids`` (JSON list: the data's
+``category_id`` of each label 1..C, see :mod:`multibox.data.categories`), ``multibox.postprocess`` ("1"/"0"),
 ``multibox.max_detections``, ``multibox.resize`` (the resize the input needs) and ``multibox.input`` (a one-line
 description of the input).
 
@@ -58,6 +60,7 @@ from torch import Tensor, nn
 
 from multibox.config import Config
 from multibox.core.postprocess import PostProcessor, build_postprocessor, group_rank, grouped_nms
+from multibox.data.categories import category_ids_of
 from multibox.export import DEFAULT_MAX_DETECTIONS, OPSET
 from multibox.io import atomic_path
 
@@ -236,13 +239,14 @@ def _output_axes(postprocess: bool) -> tuple[list[str], dict[str, dict[int, str]
     return ["loc", "cls_logits"], {"images": {0: "batch"}, "loc": {0: "batch"}, "cls_logits": {0: "batch"}}
 
 
-def _metadata(cfg: Config, class_names: Sequence[str], postprocess: bool, max_detections: int, input_dtype: str,
-              resize: str) -> dict[str, str]:
+def _metadata(cfg: Config, class_names: Sequence[str], category_ids: Sequence[int], postprocess: bool,
+              max_detections: int, input_dtype: str, resize: str) -> dict[str, str]:
     """The ``metadata_props`` entries (see the module docstring)."""
     size = cfg.model.image_size
     return {
         "multibox.config": json.dumps(cfg.to_dict()),
         "multibox.class_names": json.dumps(list(class_names)),
+        "multibox.category_ids": json.dumps([int(c) for c in category_ids]),
         "multibox.postprocess": "1" if postprocess else "0",
         "multibox.max_detections": str(max_detections),
         "multibox.input": f"images: (N, 3, {size}, {size}) {input_dtype} RGB, 0..255, resized to {size}x{size} "
@@ -279,13 +283,15 @@ def _finish_graph(proto: Any, module: ExportableSSD, postprocess: bool, meta: di
 
 def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: str | os.PathLike,
                 postprocess: bool = True, max_detections: int | None = None, input_dtype: str | None = None,
-                opset: int = OPSET, check: bool = True) -> Path:
+                opset: int = OPSET, check: bool = True, category_ids: Sequence[int] | None = None) -> Path:
     """Export ``model`` (built from ``cfg``; moved to the CPU in float32) to ``out``; returns the path written.
 
     Args:
         postprocess: include decoding + NMS (fixed-size outputs) or give raw outputs.
         max_detections: K; default ``cfg.eval.max_per_image`` or :data:`DEFAULT_MAX_DETECTIONS`.
         input_dtype: "uint8" or "float32" (0..255 pixel values); default: the one of ``data.resize``.
+        category_ids: the data's category id of each label 1..C (a checkpoint's ``category_ids``), written to the
+            metadata; None: the fallback of :func:`multibox.data.categories.category_ids_of`.
         check: run ``onnx.checker`` on the result.
 
     The file appears atomically (:func:`multibox.io.atomic_path`): a failed export leaves no partial file.
@@ -293,6 +299,7 @@ def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: 
     import onnx
 
     resize, input_dtype = _export_settings(cfg, input_dtype, opset)
+    category_ids = category_ids_of(class_names, None if category_ids is None else list(category_ids))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     k = max_detections or cfg.eval.max_per_image or DEFAULT_MAX_DETECTIONS
@@ -305,7 +312,7 @@ def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: 
         with torch.no_grad():
             torchscript_onnx_export(module, (example,), tmp, ["images"], outputs, axes, opset)
         proto = onnx.load(str(tmp))
-        meta = _metadata(cfg, class_names, postprocess, module.max_detections, input_dtype, resize)
+        meta = _metadata(cfg, class_names, category_ids, postprocess, module.max_detections, input_dtype, resize)
         _finish_graph(proto, module, postprocess, meta)
         if check:
             onnx.checker.check_model(proto)
@@ -320,4 +327,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, **k
 
     payload = load_checkpoint(checkpoint)
     cfg = Config.from_dict(payload["config"])
-    return export_onnx(model_from_state_dict(cfg, payload["model"]), cfg, payload["class_names"], out, **kwargs)
+    category_ids = category_ids_of(payload["class_names"], payload.get("category_ids"), source=str(checkpoint))
+    return export_onnx(model_from_state_dict(cfg, payload["model"]), cfg, payload["class_names"], out,
+                       category_ids=category_ids, **kwargs)

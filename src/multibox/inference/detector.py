@@ -15,6 +15,7 @@ from torch import Tensor
 from multibox.checkpoint import CheckpointError, load_checkpoint
 from multibox.config import Config
 from multibox.core.postprocess import PostProcessor, build_postprocessor, detections_to_cpu
+from multibox.data.categories import category_ids_of, label_to_category_id
 from multibox.data.coco import pil_to_uint8_chw, read_image_rgb
 from multibox.data.transforms import build_eval_transform
 from multibox.errors import InputError
@@ -100,11 +101,15 @@ class Detector:
 
     Args:
         model: the network; cfg: its resolved config; class_names: index 0 = "background".
+        category_ids: the data's category id of each label 1..C (``category_ids[label - 1]``, a checkpoint's
+            ``category_ids``); None: the fallback of :func:`multibox.data.categories.category_ids_of`.
     """
 
-    def __init__(self, model: SSD, cfg: Config, class_names: Sequence[str], device: torch.device):
+    def __init__(self, model: SSD, cfg: Config, class_names: Sequence[str], device: torch.device,
+                 category_ids: Sequence[int] | None = None):
         self.model = prepare_for_inference(model, cfg, device)
         self.cfg, self.class_names, self.device = cfg, list(class_names), device
+        self.category_ids = category_ids_of(self.class_names, None if category_ids is None else list(category_ids))
         self.postprocess: PostProcessor = build_postprocessor(cfg)
         self.transform = build_eval_transform(cfg)
         self.dtype = inference_dtype(cfg, device)
@@ -119,6 +124,11 @@ class Detector:
     def score_threshold(self) -> float:
         """The model's own score threshold (``eval.score_threshold``), which ``predict(score=None)`` applies."""
         return self.postprocess.score_threshold
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """``{label: category id}``: what ``detections.json`` writes for each predicted label."""
+        return label_to_category_id(self.category_ids)
 
     @torch.no_grad()
     def predict(self, images: ImageLike | Iterable[ImageLike], score: float | None = None, *, batch_size: int = 16,
@@ -145,7 +155,7 @@ class Detector:
 
 def load(checkpoint: str | Path, device: str = "auto", precision: str | None = None,
          compile: bool | None = None) -> Detector:
-    """Rebuild a detector from a checkpoint alone (weights, config, class names).
+    """Rebuild a detector from a checkpoint alone (weights, config, class names, category ids).
 
     ``precision`` (auto | fp32 | bf16 | fp16) and ``compile`` override the checkpoint's ``eval.precision`` and
     ``eval.compile``. An exported ONNX model is refused here (:func:`multibox.load` runs it with onnxruntime)."""
@@ -154,4 +164,6 @@ def load(checkpoint: str | Path, device: str = "auto", precision: str | None = N
                               f"onnxruntime)")
     payload = load_checkpoint(checkpoint)
     cfg = apply_inference_arguments(Config.from_dict(payload["config"]), precision, compile)
-    return Detector(model_from_state_dict(cfg, payload["model"]), cfg, payload["class_names"], resolve_device(device))
+    category_ids = category_ids_of(payload["class_names"], payload.get("category_ids"), source=str(checkpoint))
+    return Detector(model_from_state_dict(cfg, payload["model"]), cfg, payload["class_names"], resolve_device(device),
+                    category_ids)

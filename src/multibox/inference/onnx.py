@@ -15,6 +15,7 @@ from torch import Tensor
 
 from multibox.config import Config
 from multibox.core.postprocess import build_postprocessor
+from multibox.data.categories import category_ids_of, label_to_category_id
 from multibox.errors import InputError, MultiboxError
 from multibox.inference.detector import ImageLike, check_limits, image_batches, with_limits
 
@@ -80,9 +81,10 @@ class OnnxDetector:
         spin: let idle worker threads spin (onnxruntime's default: lowest latency on a free machine; turn it off on
             shared cores, where spinning threads take CPU time from the others).
 
-    Attributes: ``cfg``, ``class_names``, ``image_size``, ``has_postprocess``, ``max_detections`` (K of the graph),
-    and ``postprocess``: for a graph without postprocessing, the PyTorch PostProcessor applied to its raw outputs
-    (adjustable like the torch backend's); None otherwise.
+    Attributes: ``cfg``, ``class_names``, ``category_ids`` (the data's id of each label 1..C), ``image_size``,
+    ``has_postprocess``, ``max_detections`` (K of the graph), and ``postprocess``: for a graph without
+    postprocessing, the PyTorch PostProcessor applied to its raw outputs (adjustable like the torch backend's); None
+    otherwise.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0,
@@ -95,6 +97,7 @@ class OnnxDetector:
                                  f"writes it)")
         self.cfg = Config.from_dict(json.loads(meta["multibox.config"]))
         self.class_names: list[str] = json.loads(meta["multibox.class_names"])
+        self.category_ids = _category_ids(meta, self.class_names, self.path)
         self.image_size = int(self.cfg.model.image_size)
         self.has_postprocess = meta.get("multibox.postprocess") == "1"
         self.max_detections = int(meta.get("multibox.max_detections", 0)) if self.has_postprocess else None
@@ -105,6 +108,11 @@ class OnnxDetector:
         self.postprocess = None if self.has_postprocess else build_postprocessor(self.cfg)
         self.device = torch.device("cpu")
         self._warned: set[str] = set()
+
+    @property
+    def label_to_category_id(self) -> dict[int, int]:
+        """``{label: category id}``: what ``detections.json`` writes for each predicted label."""
+        return label_to_category_id(self.category_ids)
 
     @property
     def score_threshold(self) -> float:
@@ -153,6 +161,18 @@ class OnnxDetector:
             if note not in self._warned:
                 self._warned.add(note)
                 log.warning("%s: %s", self.path, note)
+
+
+def _category_ids(meta: dict[str, str], class_names: list[str], path: Path) -> list[int]:
+    """The export's ``multibox.category_ids`` (absent in exports written before they were stored: the fallback of
+    :func:`multibox.data.categories.category_ids_of`)."""
+    stored = meta.get("multibox.category_ids")
+    if stored is not None:
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            raise OnnxModelError(f"{path}: metadata multibox.category_ids is not JSON") from None
+    return category_ids_of(class_names, stored, source=f"{path}: metadata multibox.category_ids")
 
 
 def _session(path: Path, providers: Sequence, threads: int, spin: bool):

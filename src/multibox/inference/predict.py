@@ -5,7 +5,8 @@ and a file's own folder): ``cams/a/img.jpg`` and ``cams/b/img.jpg``, given as ``
 ``b/img.jpg``. A file found twice is predicted once. Writes into ``--out`` (never read as input itself):
 
 - ``detections.json`` (written atomically): COCO results (``bbox`` = [left, top, width, height] in pixels,
-  ``score``, ``category_id``, ``category_name``) with ``file``, the input's path as given or found. ``image_id``
+  ``score``, ``category_id``: the data's own id, which the checkpoint or export stores, see
+  :mod:`multibox.data.categories`; ``category_name``) with ``file``, the input's path as given or found. ``image_id``
   is a string throughout: an image's relative path (``"a/img.jpg"``), or for a video frame
   ``"<relative video path>#<frame index>"`` (``"clips/walk.mp4#12"``), which adds ``video`` (its relative path),
   ``frame`` (the index) and ``time`` (seconds);
@@ -172,21 +173,26 @@ def display_score(detector, score: float | None) -> float:
     return score if score is not None else max(DISPLAY_SCORE, detector.score_threshold)
 
 
-def parse_classes(spec: Sequence[str] | None, class_names: Sequence[str]) -> frozenset[int] | None:
-    """``["person", "3", "car,dog"]`` -> class indices 1..C (names are matched exactly, ids are labels 1..C)."""
+def parse_classes(spec: Sequence[str] | None, class_names: Sequence[str],
+                  category_ids: Sequence[int] | None = None) -> frozenset[int] | None:
+    """``["person", "13", "car,dog"]`` -> labels 1..C. Names are matched exactly; numbers are ``category_id``s, as
+    ``detections.json`` writes them (``category_ids[i - 1]`` is label i's; None: the labels themselves)."""
     if not spec:
         return None
     index = {name: i for i, name in enumerate(class_names) if i > 0}
+    ids = list(category_ids) if category_ids is not None else list(range(1, len(class_names)))
+    by_id = {int(cid): label for label, cid in enumerate(ids, start=1)}
     labels: set[int] = set()
     for token in (t.strip() for item in spec for t in item.split(",")):
         if not token:
             continue
         if token in index:
             labels.add(index[token])
-        elif token.isdigit() and 1 <= int(token) < len(class_names):
-            labels.add(int(token))
+        elif token.isdigit() and int(token) in by_id:
+            labels.add(by_id[int(token)])
         else:
-            raise InputError(f"--classes: unknown class {token!r}; classes: {', '.join(class_names[1:])}")
+            raise InputError(f"--classes: unknown class {token!r}; classes: "
+                             + ", ".join(f"{n} ({cid})" for n, cid in zip(class_names[1:], ids)))
     return frozenset(labels)
 
 
@@ -198,11 +204,13 @@ def keep_classes(det: dict[str, Tensor], labels: frozenset[int] | None) -> dict[
     return {k: v[keep] for k, v in det.items()}
 
 
-def coco_results(det: dict[str, Tensor], image_id, class_names: Sequence[str], **extra) -> list[dict]:
+def coco_results(det: dict[str, Tensor], image_id, class_names: Sequence[str],
+                 label_to_category_id: dict[int, int], **extra) -> list[dict]:
     """One image's (or frame's) detections -> ``detections.json`` entries: the evaluation's COCO results (same
-    rounding) with ``category_name`` and ``extra``; ``category_id`` is the model's label."""
+    rounding) with ``category_name`` and ``extra``; ``category_id`` is the data's id of the label (the detector's
+    ``label_to_category_id``, from the checkpoint or export)."""
     from multibox.evaluation.results import to_coco_results
-    return to_coco_results(image_id, det, None, class_names, **extra)
+    return to_coco_results(image_id, det, label_to_category_id, class_names, **extra)
 
 
 def save_png(image: Tensor, path: Path) -> None:
@@ -238,7 +246,7 @@ class _Predictor:
                  draw: bool, batch_size: int, skipped: list[Skipped]):
         self.detector, self.out, self.score, self.max_det, self.labels = detector, out, score, max_det, labels
         self.draw, self.batch_size, self.skipped = draw, batch_size, skipped
-        self.names = detector.class_names
+        self.names, self.category_of = detector.class_names, detector.label_to_category_id
         self.results: list[dict] = []
         self.images = self.frames = self.videos = 0
 
@@ -260,7 +268,7 @@ class _Predictor:
                     self.skipped.append(_skip(path, _reason(path, err)))
             dets = self.detect([image for *_, image in readable]) if readable else []
             for (path, rel, png, image), det in zip(readable, dets):
-                self.results += coco_results(det, rel.as_posix(), self.names, file=str(path))
+                self.results += coco_results(det, rel.as_posix(), self.names, self.category_of, file=str(path))
                 if self.draw:
                     save_png(draw_detections(image, det, self.names), self.out / "images" / png)
             self.images += len(readable)
@@ -277,8 +285,9 @@ class _Predictor:
                 if writer is None and self.draw:
                     writer = VideoWriter(self.out / "videos" / mp4, info.fps, info.width, info.height)
                 for (index, seconds, frame), det in zip(batch, self.detect([frame for *_, frame in batch])):
-                    self.results += coco_results(det, f"{rel.as_posix()}#{index}", self.names, file=str(path),
-                                                 video=rel.as_posix(), frame=index, time=round(seconds, 4))
+                    self.results += coco_results(det, f"{rel.as_posix()}#{index}", self.names, self.category_of,
+                                                 file=str(path), video=rel.as_posix(), frame=index,
+                                                 time=round(seconds, 4))
                     if writer is not None:
                         writer.write(draw_detections(frame, det, self.names))
                 self.frames += len(batch)
@@ -304,8 +313,8 @@ def run_predict(detector, inputs: Sequence[str | Path], out: str | Path, score: 
 
     out = Path(out)
     found = collect_inputs(inputs, exclude=out)
-    run = _Predictor(detector, out, display_score(detector, score), max_det,
-                     parse_classes(classes, detector.class_names), draw, batch_size, found.skipped)
+    labels = parse_classes(classes, detector.class_names, detector.category_ids)
+    run = _Predictor(detector, out, display_score(detector, score), max_det, labels, draw, batch_size, found.skipped)
     infos = {}
     for path in found.videos:
         try:

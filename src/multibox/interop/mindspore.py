@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from multibox.config import load_config
+from multibox.data.categories import category_ids_of
 from multibox.models import model_skeleton
 from multibox.models.vgg import VGG16_BLOCKS
 from multibox.models.weights import WeightMappingError, describe_names, remap_state_dict
@@ -239,5 +240,6 @@ def import_mindspore_ckpt(path: str | Path, ignore_training_state: bool = False)
         for p in ("weight", "bias"):
             state[f"loc_heads.{k}.3.{p}"] = swap_yx_offsets(state[f"loc_heads.{k}.3.{p}"])
     model.load_state_dict(state, assign=True)
+    # The tutorial's 80 classes are COCO 2017's in id order: its labels name COCO's category ids (12 -> 13).
     return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
-            "imported_from": f"mindspore:{Path(path).name}"}
+            "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{Path(path).name}"}

@@ -7,14 +7,17 @@ mismatches fail loudly, listing them (:func:`multibox.models.weights.remap_state
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from multibox.config import load_config
+from torch import Tensor
+
+from multibox.config import Config, load_config
 from multibox.models import model_skeleton
 from multibox.models.weights import (WeightMappingError, remap_state_dict, torch_load_state_dict, vgg16_feature_indices,
                                      vgg16_trunk_names)
 
-__all__ = ["import_torchvision_ssd300", "torchvision_coco_class_names", "torchvision_ssd300_pairs"]
+__all__ = ["import_torchvision_ssd300", "is_torchvision_ssd300", "torchvision_coco_class_names",
+           "torchvision_ssd300_pairs", "torchvision_ssd300_state_dict"]
 
 
 POOL4_INDEX = vgg16_feature_indices()[9] + 2     # the max-pool after conv4_3 in vgg16().features (23)
@@ -50,12 +53,34 @@ def torchvision_coco_class_names(num_classes_with_background: int) -> list[str]:
     """torchvision's 91 COCO category slots (index = COCO category id; "N/A" for unused ids), background first,
     from torchvision's own source; ``class_i`` names for any other class count."""
     if num_classes_with_background == 91:
-        try:
-            from torchvision.models._meta import _COCO_CATEGORIES
-            return ["background"] + list(_COCO_CATEGORIES[1:])
-        except ImportError:   # a private module: fall back to neutral names
-            pass
+        from torchvision.models.detection import SSD300_VGG16_Weights
+
+        return ["background"] + list(SSD300_VGG16_Weights.COCO_V1.meta["categories"][1:])
     return ["background"] + [f"class_{i}" for i in range(1, num_classes_with_background)]
+
+
+CLASS_HEAD_KEY = "head.classification_head.module_list.0.weight"   # (4·(1 + C), 512, 3, 3): conv4_3's 4 anchors
+
+
+def is_torchvision_ssd300(source: Mapping[str, Any]) -> bool:
+    """Whether a state dict looks like torchvision's ``ssd300_vgg16`` (its VGG16 trunk and SSD head names)."""
+    return CLASS_HEAD_KEY in source and "backbone.scale_weight" in source
+
+
+def torchvision_ssd300_state_dict(source: Mapping[str, Tensor], origin: str) -> tuple[Config, dict[str, Tensor]]:
+    """A torchvision ``ssd300_vgg16`` state dict in multibox's layout: (the ``ssd300-vgg16`` config with the source's
+    class count, read from its first class head, and the state dict). Every parameter is mapped by name and shape
+    (:func:`torchvision_ssd300_pairs`); anything missing, left over or misshapen is a WeightMappingError."""
+    if CLASS_HEAD_KEY not in source:
+        raise WeightMappingError(f"{origin}: no {CLASS_HEAD_KEY!r}: not a torchvision ssd300_vgg16 state dict")
+    anchors_level0 = 4
+    with_background = source[CLASS_HEAD_KEY].shape[0] // anchors_level0
+    cfg = load_config("ssd300-vgg16", [f"model.num_classes={with_background - 1}"])
+    model = model_skeleton(cfg)
+    state = remap_state_dict(source, torchvision_ssd300_pairs(), model.state_dict(),
+                             f"torchvision ssd300_vgg16 state dict {origin}")
+    model.load_state_dict(state, assign=True)   # proves the result loads strictly
+    return cfg, model.state_dict()
 
 
 def import_torchvision_ssd300(state_dict_path: str | Path) -> dict[str, Any]:
@@ -68,20 +93,14 @@ def import_torchvision_ssd300(state_dict_path: str | Path) -> dict[str, Any]:
     (``data.resize: torchvision``).
 
     Returns:
-        dict with ``model`` (state dict), ``config`` (``Config.to_dict()``), ``class_names`` and ``imported_from``;
+        dict with ``model`` (state dict), ``config`` (``Config.to_dict()``), ``class_names``, ``category_ids``
+        (label i -> COCO category id i) and ``imported_from``;
         save it with :func:`multibox.checkpoint.save_checkpoint`.
     """
-    source = torch_load_state_dict(state_dict_path)
-    key = "head.classification_head.module_list.0.weight"
-    if key not in source:
-        raise WeightMappingError(f"{state_dict_path}: no {key!r}: not a torchvision ssd300_vgg16 state dict")
-    anchors_level0 = 4
-    with_background = source[key].shape[0] // anchors_level0
-    cfg = load_config("ssd300-vgg16", [f"model.num_classes={with_background - 1}"])
-    model = model_skeleton(cfg)
-    state = remap_state_dict(source, torchvision_ssd300_pairs(), model.state_dict(),
-                             f"torchvision ssd300_vgg16 state dict {state_dict_path}")
-    model.load_state_dict(state, assign=True)   # proves the result loads strictly
-    return {"model": model.state_dict(), "config": cfg.to_dict(),
+    cfg, state = torchvision_ssd300_state_dict(torch_load_state_dict(state_dict_path), str(state_dict_path))
+    with_background = cfg.model.num_classes + 1
+    return {"model": state, "config": cfg.to_dict(),
             "class_names": torchvision_coco_class_names(with_background),
+            # torchvision's label is the COCO category id (91 slots, "N/A" gaps kept): label i -> id i
+            "category_ids": list(range(1, with_background)),
             "imported_from": f"torchvision:{Path(state_dict_path).name}"}

@@ -8,7 +8,8 @@ from multibox.config import Config
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
 from multibox.models.ssd import SSD
 from multibox.models.tiny import TinyBackbone
-from multibox.models.vgg import PaperVGG16Backbone, TutorialVGG16Backbone, init_paper_ssd
+from multibox.models.published import check_fits, resolve_weights, trainable_backbone_stages
+from multibox.models.vgg import PaperVGG16Backbone, TutorialVGG16Backbone, freeze_vgg16_stages, init_paper_ssd
 from multibox.models.weights import load_vgg16_backbone
 
 
@@ -45,11 +46,14 @@ def init_weights(model: nn.Module, scheme: str) -> None:
             nn.init.zeros_(module.bias)
 
 
-def build_model(cfg: Config, load_backbone_weights: bool = True) -> SSD:
-    """The network of ``cfg``, initialised per ``model.init``; then, if ``model.backbone_weights`` names a file and
-    ``load_backbone_weights`` is true, ImageNet VGG16 weights from it (see :func:`multibox.models.weights.load_vgg16_backbone`).
-    Pass ``load_backbone_weights=False`` when a full state dict is loaded next (a checkpoint): the file is then
-    neither needed nor read."""
+def build_model(cfg: Config, load_backbone_weights: bool = False) -> SSD:
+    """The network of ``cfg``, initialised per ``model.init``. With ``load_backbone_weights`` (and not
+    ``model.from_scratch``), ImageNet VGG16 weights from ``model.backbone_weights``, a published name resolved
+    through torch hub's cache or a file (:func:`multibox.models.weights.load_vgg16_backbone`).
+
+    By default nothing is read: a checkpoint's state dict, a conversion or a benchmark replaces or ignores the
+    initial weights, and only a new training run needs them (it loads them itself, with ``model.weights``: see
+    :func:`multibox.models.published.plan_initial_weights`)."""
     spec = anchor_spec(cfg.anchors, cfg.model.image_size)
     backbone = build_backbone(cfg)
     if len(backbone.out_channels) != len(spec.feature_sizes):
@@ -63,9 +67,21 @@ def build_model(cfg: Config, load_backbone_weights: bool = True) -> SSD:
         init_weights(model, cfg.model.init)
     if cfg.model.class_prior is not None:
         model.init_class_prior(cfg.model.class_prior)
-    if cfg.model.backbone_weights and load_backbone_weights:
-        load_vgg16_backbone(model, cfg.model.backbone_weights)
+    if cfg.model.backbone_weights and load_backbone_weights and not cfg.model.from_scratch:
+        check_fits(cfg.model.backbone_weights, cfg.model.arch, "model.backbone_weights")
+        load_vgg16_backbone(model, resolve_weights(cfg.model.backbone_weights, "model.backbone_weights"))
     return model
+
+
+def freeze_backbone(model: SSD, cfg: Config) -> list[str]:
+    """Freeze the VGG16 stages that ``cfg`` does not train (:func:`multibox.models.published.trainable_backbone_stages`:
+    conv1_x when the run starts from pretrained weights, as torchvision's ``ssd300_vgg16``; nothing from scratch).
+    A function of the config alone, so that a resumed run freezes what the new run froze. Returns the frozen
+    parameters' names (none for backbones without VGG16 stages)."""
+    stages = trainable_backbone_stages(cfg)
+    if not isinstance(model.backbone, (PaperVGG16Backbone, TutorialVGG16Backbone)):
+        return []
+    return [f"backbone.{name}" for name in freeze_vgg16_stages(model.backbone, stages)]
 
 
 def model_from_state_dict(cfg: Config, state_dict: dict) -> SSD:
@@ -86,4 +102,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["SSD", "build_model", "count_parameters", "init_weights", "model_from_state_dict", "model_skeleton"]
+__all__ = ["SSD", "build_model", "count_parameters", "freeze_backbone", "init_weights", "model_from_state_dict",
+           "model_skeleton"]

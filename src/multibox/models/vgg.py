@@ -179,3 +179,19 @@ def init_paper_ssd(model: nn.Module) -> None:
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+
+def freeze_vgg16_stages(backbone: nn.Module, trainable: int) -> list[str]:
+    """Freeze (``requires_grad = False``) the first ``5 - trainable`` of VGG16's five convolution stages (conv1_x,
+    conv2_x, ...), as torchvision's ``_vgg_extractor(vgg16(), highres, trainable_layers)`` does with a pretrained
+    backbone (4: conv1_1 and conv1_2 frozen; 0: all 13 convolutions; 5: none). fc6, fc7, the L2Norm scale and the
+    extra levels always train. Returns the frozen parameters' names (in ``backbone``)."""
+    stages = len(VGG16_BLOCKS)
+    if not 0 <= trainable <= stages:
+        raise ValueError(f"trainable VGG16 stages must be 0 .. {stages}, got {trainable}")
+    frozen = []
+    for index in range(stages - trainable):
+        for name, parameter in backbone.blocks[index].named_parameters():
+            parameter.requires_grad_(False)
+            frozen.append(f"blocks.{index}.{name}")
+    return frozen

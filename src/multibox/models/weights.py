@@ -1,10 +1,11 @@
-"""Loading weights into multibox models: strict name-and-shape remapping of foreign state dicts, and ImageNet VGG16
-weights as the initialisation of the paper presets' trunk (:func:`load_vgg16_backbone`)."""
+"""Loading weights into multibox models: strict name-and-shape remapping of foreign state dicts, ImageNet VGG16
+weights as the initialisation of the paper presets' trunk (:func:`load_vgg16_backbone`), and a detector's weights
+carried over to another class list (:func:`transfer_detector_weights`, fine-tuning)."""
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ from torch import Tensor, nn
 
 from multibox.errors import MultiboxError
 from multibox.models.vgg import VGG16_BLOCKS, PaperVGG16Backbone
+
+logger = logging.getLogger("multibox.models")
 
 
 class WeightMappingError(MultiboxError, ValueError):
@@ -75,18 +78,32 @@ def remap_state_dict(source: Mapping[str, Any], pairs: Iterable[tuple[str, str]]
     return out
 
 
-def torch_load_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A state dict saved with ``torch.save``: tensors only (``weights_only``), also inside ``{"model": ...}``
-    (torchvision's reference scripts' checkpoints)."""
+def torch_load_file(path: str | Path) -> Any:
+    """What ``torch.save`` wrote to ``path``, read with ``weights_only=True`` (tensors and plain containers, never
+    code) onto the CPU; an unreadable file is a :class:`WeightMappingError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # UnpicklingError (objects other than tensors), damaged archives, ...
+        detail = next((line.strip() for line in str(err).splitlines() if line.strip()), "no detail")[:300]
+        raise WeightMappingError(f"{path}: not a readable weights file ({type(err).__name__}: {detail})") from None
+
+
+def as_state_dict(obj: Any, origin: str) -> dict[str, Tensor]:
+    """``obj`` as a state dict: a mapping of names to tensors, also inside ``{"model": ...}`` (torchvision's
+    reference scripts' checkpoints, multibox checkpoints)."""
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise WeightMappingError(f"{path}: not a state dict (a mapping of names to tensors)")
+        raise WeightMappingError(f"{origin}: not a state dict (a mapping of names to tensors)")
     return obj
+
+
+def torch_load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """A state dict saved with ``torch.save``: tensors only (``weights_only``), also inside ``{"model": ...}``."""
+    return as_state_dict(torch_load_file(path), str(path))
 
 
 def vgg16_feature_indices() -> list[int]:
@@ -127,63 +144,145 @@ def subsample_fc6_fc7(fc6_weight: Tensor, fc6_bias: Tensor, fc7_weight: Tensor, 
     return w6, fc6_bias[::4].contiguous(), w7, fc7_bias[::4].contiguous()
 
 
-def load_vgg16_backbone(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_vgg16_backbone(model: nn.Module, source: str | Path | Mapping[str, Tensor], origin: str | None = None
+                        ) -> dict[str, Any]:
     """Initialise the VGG16 trunk (and fc6/fc7 where the file allows) of a paper preset model from ImageNet weights.
 
-    Accepted files (``torch.save`` state dicts; nothing is downloaded):
+    Accepted files (``torch.save`` state dicts; nothing is downloaded here, see :mod:`multibox.models.published`):
 
     - torchvision ``vgg16`` (``features.*``, ``classifier.{0,3,6}.*``): conv1_1 .. conv5_3 from ``features``;
       fc6/fc7 sub-sampled from ``classifier.0`` / ``classifier.3`` (:func:`subsample_fc6_fc7`); ``classifier.6``
       (the 1000-way ImageNet output) has no counterpart and is not used.
     - torchvision's ``vgg16_features`` file (``VGG16_Weights.IMAGENET1K_FEATURES``, ported from ssd.pytorch): the
-      same layout, but its classifier holds no values (NaN): fc6/fc7 keep their initialisation (as torchvision's
-      own ``ssd300_vgg16`` does), with a warning.
+      same layout, but its classifier holds no values (NaN): fc6/fc7 keep their initialisation, as torchvision's
+      own ``ssd300_vgg16`` does (logged).
     - ssd.pytorch's ``vgg16_reducedfc`` (keys ``0.weight`` .. ``33.bias``): conv1_1 .. conv5_3, then fc6 (31) and
       fc7 (33), already reduced, copied as they are.
 
     Args:
         model: an SSD whose backbone is :class:`~multibox.models.vgg.PaperVGG16Backbone` (``ssd300_vgg16``,
             ``ssd512_vgg16``), or such a backbone itself.
+        source: the file, or its state dict already loaded (then ``origin`` names it in messages).
     Returns:
         ``{"format": ..., "fc6_fc7": "subsampled" | "copied" | "initialised", "tensors": n}``.
     """
     backbone = getattr(model, "backbone", model)
+    origin = origin or str(source)
     if not isinstance(backbone, PaperVGG16Backbone):
-        raise ValueError(f"model.backbone_weights needs a paper VGG16 arch (ssd300_vgg16, ssd512_vgg16), "
-                         f"not {type(backbone).__name__}")
-    source = torch_load_state_dict(path)
-    target = backbone.state_dict()
+        raise WeightMappingError(f"{origin}: VGG16 ImageNet weights need a paper VGG16 arch (ssd300_vgg16, "
+                                 f"ssd512_vgg16), not {type(backbone).__name__}")
+    source = torch_load_state_dict(source) if isinstance(source, (str, Path)) else as_state_dict(source, origin)
     trunk = [name[len("backbone."):] for name in vgg16_trunk_names()]
-    indices = vgg16_feature_indices()
     if "features.0.weight" in source:
-        fmt = "torchvision_vgg16"
-        pairs = [(f"{ours}.{p}", f"features.{i}.{p}") for ours, i in zip(trunk, indices) for p in ("weight", "bias")]
-        classifier = {k: v for k, v in source.items() if k.startswith("classifier.")}
-        expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
-        if set(classifier) - expected:
-            raise WeightMappingError(f"{path}: unexpected entries {describe_names(set(classifier) - expected)}")
-        fc_values = [classifier.get(k) for k in ("classifier.0.weight", "classifier.0.bias",
-                                                 "classifier.3.weight", "classifier.3.bias")]
-        trunk_source = {k: v for k, v in source.items() if not k.startswith("classifier.")}
-        if all(v is not None and torch.isfinite(v).all() for v in fc_values):
-            w6, b6, w7, b7 = subsample_fc6_fc7(*fc_values)
-            trunk_source.update({"fc6.weight": w6, "fc6.bias": b6, "fc7.weight": w7, "fc7.bias": b7})
-            pairs += [(name, name) for name in ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias")]
-            fc6_fc7 = "subsampled"
-        else:
-            fc6_fc7 = "initialised"
-            warnings.warn(f"{path}: the classifier holds no finite values (torchvision's vgg16_features file): "
-                          "fc6/fc7 keep their initialisation", stacklevel=2)
+        fmt, pairs, trunk_source, fc6_fc7 = "torchvision_vgg16", *_torchvision_vgg16_pairs(source, trunk, origin)
     elif "31.weight" in source:
         fmt = "ssd.pytorch_vgg16_reducedfc"
-        pairs = [(f"{ours}.{p}", f"{i}.{p}") for ours, i in zip(trunk, indices) for p in ("weight", "bias")]
+        pairs = [(f"{ours}.{p}", f"{i}.{p}") for ours, i in zip(trunk, vgg16_feature_indices())
+                 for p in ("weight", "bias")]
         pairs += [("fc6.weight", "31.weight"), ("fc6.bias", "31.bias"), ("fc7.weight", "33.weight"),
                   ("fc7.bias", "33.bias")]
         trunk_source, fc6_fc7 = source, "copied"
     else:
-        raise WeightMappingError(f"{path}: neither a torchvision vgg16 state dict (features.*) nor ssd.pytorch's "
+        raise WeightMappingError(f"{origin}: neither a torchvision vgg16 state dict (features.*) nor ssd.pytorch's "
                                  "vgg16_reducedfc (0.weight .. 33.bias)")
+    target = backbone.state_dict()
     subset = {ours: target[ours] for ours, _ in pairs}
-    state = remap_state_dict(trunk_source, pairs, subset, f"VGG16 weights {path}")
+    state = remap_state_dict(trunk_source, pairs, subset, f"VGG16 weights {origin}")
     backbone.load_state_dict(state, strict=False)   # the trunk (and fc6/fc7); the rest keeps its initialisation
+    logger.info(f"VGG16 ImageNet weights from {origin}: conv1_1 .. conv5_3"
+                + {"subsampled": ", fc6/fc7 sub-sampled from the classifier", "copied": ", fc6/fc7",
+                   "initialised": "; fc6/fc7 keep their initialisation (the file's classifier holds no values, as "
+                                  "torchvision's vgg16_features)"}[fc6_fc7])
     return {"format": fmt, "fc6_fc7": fc6_fc7, "tensors": len(state)}
+
+
+def _torchvision_vgg16_pairs(source: Mapping[str, Tensor], trunk: list[str], origin: str
+                             ) -> tuple[list[tuple[str, str]], dict[str, Tensor], str]:
+    """(pairs, the source to map, fc6_fc7) for a torchvision ``vgg16`` state dict: the trunk from ``features``,
+    fc6/fc7 sub-sampled from the classifier when it holds finite values."""
+    pairs = [(f"{ours}.{p}", f"features.{i}.{p}") for ours, i in zip(trunk, vgg16_feature_indices())
+             for p in ("weight", "bias")]
+    classifier = {k: v for k, v in source.items() if k.startswith("classifier.")}
+    expected = {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    if set(classifier) - expected:
+        raise WeightMappingError(f"{origin}: unexpected entries {describe_names(set(classifier) - expected)}")
+    fc_values = [classifier.get(k) for k in ("classifier.0.weight", "classifier.0.bias",
+                                             "classifier.3.weight", "classifier.3.bias")]
+    trunk_source = {k: v for k, v in source.items() if not k.startswith("classifier.")}
+    if not all(v is not None and torch.isfinite(v).all() for v in fc_values):
+        return pairs, trunk_source, "initialised"
+    w6, b6, w7, b7 = subsample_fc6_fc7(*fc_values)
+    trunk_source.update({"fc6.weight": w6, "fc6.bias": b6, "fc7.weight": w7, "fc7.bias": b7})
+    pairs += [(name, name) for name in ("fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias")]
+    return pairs, trunk_source, "subsampled"
+
+
+def class_row_layers(model: nn.Module) -> dict[str, int]:
+    """The class convolution of each level of an SSD (the last layer of ``cls_heads[i]``): its state-dict prefix ->
+    anchors per location k. Its k·(1 + C) output channels are anchor-major: channel a·(1 + C) + c is class c
+    (0 = background) of anchor a (see :func:`multibox.models.ssd.flatten_levels`)."""
+    layers = {}
+    for level, head in enumerate(model.cls_heads):
+        last, name = (head[-1], f"cls_heads.{level}.{len(head) - 1}") if isinstance(head, nn.Sequential) \
+            else (head, f"cls_heads.{level}")
+        layers[name] = last.out_channels // (model.num_classes + 1)
+    return layers
+
+
+def match_class_rows(source_classes: Sequence[str], target_classes: Sequence[str]) -> dict[int, int]:
+    """Target label -> source label for the classes both lists name (exactly, as evaluation matches names),
+    background (0) always. Placeholder names of unused slots (torchvision's "N/A") never match."""
+    placeholders = {"N/A", "__background__", "background"}
+    source_label = {}
+    for label, name in enumerate(source_classes):
+        if label and name not in placeholders:
+            source_label.setdefault(name, label)
+    rows = {0: 0}
+    rows.update({t: source_label[name] for t, name in enumerate(target_classes) if t and name in source_label})
+    return rows
+
+
+def transfer_detector_weights(model: nn.Module, source: Mapping[str, Tensor], source_classes: Sequence[str],
+                              target_classes: Sequence[str], origin: str) -> dict[str, list[str]]:
+    """Load a detector's weights (in multibox's layout) into ``model``, an SSD of the same arch built for
+    ``target_classes``: every tensor but the class convolutions is copied; of the class convolutions (per level
+    (k·(1 + C), ...) weights and biases, anchor-major) the background row and the rows of the classes whose
+    names match (:func:`match_class_rows`) are copied per anchor, the others keep ``model``'s initialisation.
+
+    Args:
+        source: our layout's state dict with ``len(source_classes)`` class rows per anchor.
+        source_classes / target_classes: class names, background first.
+    Returns:
+        ``{"kept": [...], "new": [...]}``: the target's class names (background excluded) copied / fresh.
+    Raises:
+        WeightMappingError: tensors missing, left over or of other shapes (another arch or anchor layout).
+    """
+    if len(target_classes) != model.num_classes + 1:
+        raise ValueError(f"{len(target_classes)} class names for a model of {model.num_classes} classes")
+    target = model.state_dict()
+    layers = class_row_layers(model)
+    rows = match_class_rows(source_classes, target_classes)
+    t_index, s_index = torch.tensor(list(rows)), torch.tensor(list(rows.values()))
+    out, problems = {}, []
+    for name in sorted(set(source) - set(target)):
+        problems.append(f"{name} (not in this model)")
+    for name, value in target.items():
+        prefix = name.rsplit(".", 1)[0]
+        if name not in source:
+            problems.append(f"{name} (missing from the file)")
+        elif prefix in layers and source[name].shape[1:] == value.shape[1:] \
+                and source[name].shape[0] == layers[prefix] * len(source_classes):
+            k, tail = layers[prefix], tuple(value.shape[1:])
+            rowed = value.detach().clone().view(k, len(target_classes), *tail)
+            rowed[:, t_index] = source[name].view(k, len(source_classes), *tail)[:, s_index].to(value.dtype)
+            out[name] = rowed.view_as(value)
+        elif tuple(source[name].shape) != tuple(value.shape):
+            problems.append(f"{name} {tuple(source[name].shape)} -> {tuple(value.shape)}")
+        else:
+            out[name] = source[name]
+    if problems:
+        raise WeightMappingError(f"{origin} does not fit this model (another arch, head or anchor layout): "
+                                 f"{len(problems)} tensors differ: {describe_names(problems, limit=6)}")
+    model.load_state_dict(out)
+    kept = [target_classes[t] for t in rows if t]
+    return {"kept": kept, "new": [n for t, n in enumerate(target_classes) if t and t not in rows]}
