@@ -1,9 +1,9 @@
 """How the no-flag `multibox train --data X --val-data Y` does on data nobody tuned for.
 
 A family of synthetic sets unlike the demo (`multibox synth` options: classes, crowding, sizes, elongation,
-clutter, empty images, image sizes). The T sets were used to choose the tiny preset's defaults; the H sets were
-not looked at until the defaults were fixed. Each run is a plain `multibox train` in a subprocess; the table gives
-wall minutes and the held-out AP50 / AP from its eval.json.
+clutter, empty images, image sizes). The T1-T5 sets were used to choose the tiny preset's defaults; the H1-H3 sets
+were not looked at until the defaults were fixed. Each run is a plain `multibox train` in a subprocess; the table
+gives wall minutes and the held-out AP50 / AP from its eval.json.
 
     python scripts/defaults_study.py --root /tmp/study --sets H1,H2,H3 [--set train.epochs=20 ...]
 """
@@ -65,7 +65,7 @@ def train(root: Path, name: str, tag: str, overrides: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="where the sets and runs go")
-    parser.add_argument("--sets", default="T1,T2,T3,T4", help="comma-separated names of FAMILY")
+    parser.add_argument("--sets", default="T1,T2,T3,T4,T5", help="comma-separated names of FAMILY")
     parser.add_argument("--tag", default="default", help="name of this variant in the run folders")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     parser.add_argument("--generate-only", action="store_true", help="write the sets, train nothing")

@@ -94,7 +94,7 @@ class DataConfig:
     zoom_out: float = 0.0                  # largest zoom-out ("expand") ratio; <= 1 disables (paper: 4)
     zoom_out_p: float = 0.5                # probability of a zoom-out when enabled
     # --- sources (data/build.py): `path` / `val_path` = COCO JSON | VOC folder | packed-shard folder | "synth"
-    keep_empty: bool = True                # keep images without boxes (background samples)
+    keep_empty: bool = True                # train on images without boxes too (evaluation always keeps them)
     keep_difficult: bool = False           # VOC: also train on `difficult` boxes (evaluation ignores them)
     voc_split: str = "trainval"            # VOC: ImageSets/Main split trained on
     val_split: str | None = "test"         # VOC: split evaluated when there is no val_path (held-out if absent)
@@ -240,7 +240,8 @@ AUTOMATIC = {"train.epochs"}     # "auto": decided when the data is known
 
 
 def validate(cfg: Config) -> None:
-    """Raise :class:`ConfigError` naming the first key of :data:`RANGES` whose value is out of its range."""
+    """Raise :class:`ConfigError` naming the first key of :data:`RANGES` whose value is out of its range, or a
+    combination that cannot be trained."""
     for key, allowed in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -251,6 +252,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} expects a number{also}, got {value!r}")
         if not allowed.contains(value):
             raise ConfigError(f"config key {key!r} = {value!r} is out of range: it must be {allowed}")
+    if cfg.train.epochs == "auto" and cfg.train.schedule == "multistep":
+        # The milestones are epochs of a run of known length; sized by the data they would fall anywhere.
+        raise ConfigError("train.epochs: auto sizes a warmup_cosine schedule; train.schedule multistep takes its "
+                          "milestones in epochs, so give train.epochs a number")
 
 
 def merge(cfg: Any, raw: dict[str, Any], prefix: str = "") -> None:

@@ -99,8 +99,8 @@ def training_amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.train.amp_dtype]
 
 
-def inference_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of inference (``eval.precision``) on ``device``; None = fp32.
+def inference_dtype(cfg: Config) -> torch.dtype | None:
+    """The autocast dtype of inference (``eval.precision``), the same on every device; None = fp32.
 
     ``auto`` is fp32 on every device, whatever training's autocast was: evaluation (``multibox eval``, the
     evaluation inside training) must not move its AP with the device (bf16 moves scores by ~1e-3, which reorders

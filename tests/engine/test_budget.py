@@ -61,6 +61,11 @@ def test_epochs_take_auto_or_a_positive_number_and_time_a_positive_one():
     for bad in ("train.epochs=soon", "train.time=0", "train.time=-1", "train.auto_images=0"):
         with pytest.raises(ConfigError):
             load_config("tiny", [bad])
+    # Milestones are epochs of a run of known length: a paper schedule sized by the data is refused, not left with
+    # milestones past its end.
+    with pytest.raises(ConfigError, match="multistep takes its milestones in epochs"):
+        load_config("ssd300-vgg16", ["train.epochs=auto"])
+    assert load_config("ssd300-vgg16", ["train.epochs=auto", "train.schedule=warmup_cosine"]).train.epochs == "auto"
 
 
 @pytest.fixture(scope="module")

@@ -114,20 +114,19 @@ def test_compiled_detector_equals_plain_path(tiny):
 
 
 def test_inference_precision_rules():
-    """``auto`` is fp32 for evaluation and prediction on every device, even where training autocasts to bf16
-    (no GPU needed: the rule only reads the device's type); half precision only when asked for."""
+    """``auto`` is fp32 for evaluation and prediction on every device, even where training autocasts to bf16;
+    half precision only when asked for."""
     cfg = load_config("tiny")
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cuda = torch.device("cuda")
     assert cfg.eval.precision == "auto" and cfg.train.amp and cfg.train.amp_dtype == "bfloat16"
     assert training_amp_dtype(cfg, cuda) is torch.bfloat16    # training does autocast on CUDA ...
-    assert inference_dtype(cfg, cuda) is None                 # ... evaluation and predict do not
-    assert inference_dtype(cfg, cpu) is None
+    assert inference_dtype(cfg) is None                       # ... evaluation and predict do not
     for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", None)):
         cfg.eval.precision = precision
-        assert inference_dtype(cfg, cpu) is dtype and inference_dtype(cfg, cuda) is dtype
+        assert inference_dtype(cfg) is dtype
     cfg.eval.precision = "int8"
     with pytest.raises(ValueError, match="eval.precision"):
-        inference_dtype(cfg, cpu)
+        inference_dtype(cfg)
 
 
 def test_load_overrides_precision_and_keeps_checkpoint_weights(tiny, tmp_path):

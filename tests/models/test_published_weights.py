@@ -24,8 +24,10 @@ from multibox.engine.optim import build_optimizer
 from multibox.engine.schedules import build_lr_schedule
 from multibox.interop.torchvision import torchvision_ssd300_pairs
 from multibox.models import freeze_backbone, model_skeleton
+from multibox.distributed import DistEnv
+from multibox.engine import fit as fit_module
 from multibox.models.published import (PUBLISHED, WeightsUnavailableError, cache_path, fetch, plan_initial_weights,
-                                       resolve_weights)
+                                       resolve_weights, settle_backbone_stages)
 
 # torchvision's files (https://pytorch.org/vision/stable/models.html), written out here as the independent reference.
 FILES = {
@@ -153,8 +155,30 @@ def test_weights_of_another_preset_are_refused_before_any_download(hub, key, nam
         plan_initial_weights(load_config("ssd300-vgg16", [f"{key}={name}"]))
     assert f"{name}: torchvision's" in str(err.value) and f"of the {belongs} preset" in str(err.value)
     assert "not of model.arch ssd300_vgg16" in str(err.value) and hub.calls == []
-    with pytest.raises(ConfigError, match="of the ssd300-vgg16 preset, not of model.arch ssd512_vgg16"):
+    assert "that preset is not in this version of multibox" in str(err.value)   # no --config to a missing preset
+    with pytest.raises(ConfigError, match="of the ssd300-vgg16 preset, not of model.arch ssd512_vgg16; choose that "
+                                          r"preset \(--config ssd300-vgg16\)"):
         plan_initial_weights(load_config("ssd512-vgg16", ["model.weights=ssd300_vgg16_coco"]))
+
+
+def test_under_torchrun_rank_0_resolves_the_weights_first(hub, monkeypatch):
+    """Rank 0 fetches a missing file alone; the others plan only after hearing its outcome, and raise its error
+    instead of each trying the download."""
+    order = []
+    monkeypatch.setattr(fit_module, "plan_initial_weights", lambda cfg: order.append("plan") or "planned")
+    monkeypatch.setattr(fit_module.mbdist, "broadcast_object", lambda obj: order.append("broadcast") or obj)
+    cfg = load_config("ssd300-vgg16")
+    assert fit_module.plan_weights(cfg, DistEnv(rank=0, world_size=2)) == "planned"
+    assert order == ["plan", "broadcast", "plan"]
+    order.clear()
+    assert fit_module.plan_weights(cfg, DistEnv(rank=1, world_size=2)) == "planned"
+    assert order == ["broadcast", "plan"]
+    failure = WeightsUnavailableError("model.backbone_weights=vgg16_features is not in torch hub's cache")
+    monkeypatch.setattr(fit_module.mbdist, "broadcast_object", lambda obj: failure)
+    order.clear()
+    with pytest.raises(WeightsUnavailableError, match="not in torch hub's cache"):
+        fit_module.plan_weights(cfg, DistEnv(rank=1, world_size=2))
+    assert order == []
 
 
 def _train_args(data: str, *extra: str) -> list[str]:
@@ -222,6 +246,20 @@ def test_pretrained_runs_freeze_conv1_and_scratch_runs_nothing():
     assert _frozen(load_config("ssd300-vgg16", ["model.backbone_weights=null"]))[0] == set()
     with pytest.raises(ConfigError, match="trainable_backbone_layers"):
         plan_initial_weights(load_config("ssd300-vgg16", ["model.trainable_backbone_layers=6"]))
+
+
+def test_a_run_writes_the_stages_it_trains_and_an_older_run_resumes_training_all():
+    """config.yaml names the trained stages, so a resume freezes what its run froze; a run saved before frozen
+    stages existed (null, with backbone weights) trained all five, and its optimizer state holds them all."""
+    def settled(resumed: bool, *overrides: str):
+        cfg = load_config("ssd300-vgg16", list(overrides))
+        settle_backbone_stages(cfg, resumed)
+        return cfg
+    assert settled(False).model.trainable_backbone_layers == 4
+    assert settled(False, "model.from_scratch=true").model.trainable_backbone_layers == 5
+    older = settled(True)
+    assert older.model.trainable_backbone_layers == 5 and _frozen(older)[0] == set()
+    assert settled(True, "model.trainable_backbone_layers=3").model.trainable_backbone_layers == 3
 
 
 @pytest.mark.parametrize("preset", ["ssd300-vgg16", "ssd300-vgg16-seed", "tiny"])

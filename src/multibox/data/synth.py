@@ -72,7 +72,7 @@ MAX_CLASSES = 24
 # Beyond six classes, each shape comes again in other colour families (hue offsets from its own), so that neither
 # the shape nor the colour alone names the class.
 _HUE_OFFSETS = (0.0, 180.0, 90.0, 270.0)
-# Unannotated distractors (data.synth clutter): shapes no class has, in any colour.
+# Unannotated distractors (`multibox synth --clutter`): shapes no class has, in any colour.
 _CLUTTER_SHAPES = ("hexagon", "diamond")
 
 
@@ -85,7 +85,7 @@ class ShapeClass(NamedTuple):
 
 
 def synth_classes(num_classes: int = len(_CLASS_SPECS)) -> list[ShapeClass]:
-    """The first ``num_classes`` classes (2..24): the demo's six, then each shape in a second, third and fourth
+    """The first ``num_classes`` classes (1..24): the demo's six, then each shape in a second, third and fourth
     colour family (``ellipse_2`` is a cyan ellipse: the red ellipse's hue + 180 degrees)."""
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")

@@ -73,11 +73,11 @@ from multibox.evaluation.evaluate import evaluate_model
 from multibox.evaluation.plots import plot_training_curves
 from multibox.evaluation.provenance import eval_provenance, run_checkpoint_record
 from multibox.evaluation.report import detections_for_report, write_eval_report
-from multibox.errors import InputError
+from multibox.errors import InputError, MultiboxError
 from multibox.interop.pretrained import plan_initial_weights, prepare_for_training
 from multibox.io import remove_leftover_temporaries
 from multibox.models import build_model, count_parameters
-from multibox.models.published import InitialWeights
+from multibox.models.published import InitialWeights, settle_backbone_stages
 from multibox.runtime import cpu_threads, deterministic_mode, resolve_device, seed_everything
 
 logger = logging.getLogger("multibox.train")
@@ -161,9 +161,10 @@ def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, ex
     if not dry_run:
         check_run_folder(out, resume, exist_ok)
     _prepare_process(cfg, device)
+    settle_backbone_stages(cfg, resumed=resume)
     # A new run's weights files are resolved (fetched once, or one line saying how to get them) before any data is
-    # read; a resumed run's last.pt holds its weights.
-    initial = None if resume else plan_initial_weights(cfg)
+    # read; a resumed run's last.pt holds its weights, and a dry run's step does not need them.
+    initial = None if resume else InitialWeights() if dry_run else plan_weights(cfg, env)
     started = time.monotonic()
     run = build_run(cfg, out, device, env, progress=progress and env.is_main, initial=initial)
     run.started = started
@@ -218,6 +219,23 @@ def check_run_folder(out: Path, resume: bool, exist_ok: bool = False) -> None:
         raise InputError(f"{out} already holds a run ({', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): "
                          f"continue it with --resume {out}, choose another --out, or pass --exist-ok to start over "
                          "in it")
+
+
+def plan_weights(cfg: Config, env: mbdist.DistEnv) -> InitialWeights:
+    """:func:`plan_initial_weights` of a new run, on rank 0 first (a missing file is downloaded once, not by every
+    process at the same time); the other ranks then find it in the cache, or raise rank 0's error."""
+    if not env.distributed:
+        return plan_initial_weights(cfg)
+    failure = None
+    if env.is_main:
+        try:
+            plan_initial_weights(cfg)
+        except MultiboxError as err:
+            failure = err
+    failure = mbdist.broadcast_object(failure)
+    if failure is not None:
+        raise failure
+    return plan_initial_weights(cfg)
 
 
 def _prepare_process(cfg: Config, device: torch.device) -> None:

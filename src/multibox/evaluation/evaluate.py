@@ -71,7 +71,7 @@ def evaluate_model(cfg: Config, model: nn.Module, splits: DataSplits, device: to
                          seed=cfg.train.seed)
     results = collect_coco_results(model, build_postprocessor(cfg), loader, device,
                                    label_to_category_id or splits.label_to_category_id,
-                                   inference_dtype(cfg, device), progress and rank == 0)
+                                   inference_dtype(cfg), progress and rank == 0)
     if world > 1:
         results = [r for part in mbdist.all_gather_object(results) for r in part]
     result = None

@@ -112,7 +112,7 @@ class Detector:
         self.category_ids = category_ids_of(self.class_names, None if category_ids is None else list(category_ids))
         self.postprocess: PostProcessor = build_postprocessor(cfg)
         self.transform = build_eval_transform(cfg)
-        self.dtype = inference_dtype(cfg, device)
+        self.dtype = inference_dtype(cfg)
 
     def preprocess(self, images: Sequence[Tensor]) -> Tensor:
         """uint8 (3, H_i, W_i) images -> (N, 3, S, S) normalised batch on the device, as evaluation prepares them.

@@ -19,12 +19,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from multibox.config import Config, ConfigError
+from multibox.config import Config, ConfigError, preset_names
 from multibox.errors import MultiboxError
 from multibox.io import atomic_path, file_sha256
 
 __all__ = ["PUBLISHED", "InitialWeights", "Published", "WeightsUnavailableError", "cache_path", "check_fits",
-           "plan_initial_weights", "resolve_weights", "starts_pretrained", "trainable_backbone_stages"]
+           "plan_initial_weights", "resolve_weights", "settle_backbone_stages", "starts_pretrained",
+           "trainable_backbone_stages"]
 
 logger = logging.getLogger("multibox.models")
 
@@ -101,9 +102,11 @@ def check_fits(name: str, arch: str, key: str) -> Published | None:
     another preset than ``arch``'s."""
     published = PUBLISHED.get(name)
     if published is not None and arch not in published.archs:
+        presets = [p for p in published.presets if p in preset_names()]
+        fix = (f"choose that preset (--config {presets[0]}) or other weights" if presets else
+               "that preset is not in this version of multibox; choose other weights")
         raise ConfigError(f"{key}={name}: torchvision's {published.kind} weights of the "
-                          f"{' / '.join(published.presets)} preset, not of model.arch {arch}; choose that preset "
-                          f"(--config {published.presets[0]}) or other weights")
+                          f"{' / '.join(published.presets)} preset, not of model.arch {arch}; {fix}")
     return published
 
 
@@ -183,6 +186,14 @@ def trainable_backbone_stages(cfg: Config) -> int:
         raise ConfigError(f"config key 'model.trainable_backbone_layers' = {stages!r} must be an integer 0 .. "
                           f"{VGG16_STAGES} (or null: 4 with pretrained weights)")
     return stages
+
+
+def settle_backbone_stages(cfg: Config, resumed: bool) -> None:
+    """Write the VGG16 stages that train into ``cfg.model.trainable_backbone_layers`` (a run's config.yaml then
+    says them, and a resume freezes what the run froze). A resumed run whose config leaves them null is older than
+    frozen stages: it trained all five."""
+    if cfg.model.trainable_backbone_layers is None:
+        cfg.model.trainable_backbone_layers = VGG16_STAGES if resumed else trainable_backbone_stages(cfg)
 
 
 SCRATCH_FIX = "or train from random weights with --set model.from_scratch=true"
