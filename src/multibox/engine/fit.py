@@ -226,16 +226,16 @@ def plan_weights(cfg: Config, env: mbdist.DistEnv) -> InitialWeights:
     process at the same time); the other ranks then find it in the cache, or raise rank 0's error."""
     if not env.distributed:
         return plan_initial_weights(cfg)
-    failure = None
+    planned, failure = None, None
     if env.is_main:
         try:
-            plan_initial_weights(cfg)
+            planned = plan_initial_weights(cfg)
         except MultiboxError as err:
             failure = err
     failure = mbdist.broadcast_object(failure)
     if failure is not None:
         raise failure
-    return plan_initial_weights(cfg)
+    return planned if env.is_main else plan_initial_weights(cfg)
 
 
 def _prepare_process(cfg: Config, device: torch.device) -> None:
