@@ -34,13 +34,17 @@ DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 @dataclass
 class ModelConfig:
-    arch: str = "tiny"                     # tiny | ssd300_vgg16_seed
+    arch: str = "tiny"                     # tiny | ssd300_vgg16_seed | ssd300_vgg16 | ssdlite320_mobilenet_v3 | ...
     num_classes: int = 80                  # object classes, background excluded
     image_size: int = 300
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128, 128, 128, 128])  # tiny only
     head: str = "conv"                     # conv (3x3 conv) | separable (tutorial: depthwise 3x3, BN, ReLU6, 1x1)
+    head_layers: int = 4                   # head shared (zoo SSD-FPN: weight-shared towers over levels): tower depth
     dropout: float = 0.5                   # after fc6/fc7 (VGG)
-    init: str = "truncated_normal"         # truncated_normal (σ = 0.02, tutorial) | kaiming
+    vgg_relu: bool = True                  # ssd300_vgg16_seed: ReLU after each VGG conv (zoo; tutorial text: no)
+    vgg_bn: bool = False                   # ssd300_vgg16_seed: BatchNorm after each VGG conv (zoo's ssd_vgg_bn)
+    init: str = "truncated_normal"         # truncated_normal (σ = 0.02, tutorial) | kaiming | xavier (paper) |
+                                           # normal (σ = 0.03, torchvision's SSDLite)
     class_prior: float | None = None       # initial object probability of the sigmoid cls heads (RetinaNet: 0.01)
     # --- what a new training run starts from (multibox.models.published); a resumed run reads its last.pt only
     backbone_weights: str | None = None    # ImageNet trunk: a published name (vgg16_features) or a file
@@ -48,16 +52,21 @@ class ModelConfig:
                                            # torchvision ssd300_vgg16 state dict, a multibox checkpoint)
     from_scratch: bool = False             # random initialisation: no backbone_weights / weights needed
     trainable_backbone_layers: int | None = None   # VGG16 stages trained; null: 4 when pretrained, else 5
+    reduced_tail: bool | None = None       # MobileNetV3 (SSDLite): halve the last stage; null: torchvision's rule,
+                                           # reduced unless ImageNet MobileNetV3 weights are loaded
 
 
 @dataclass
 class AnchorConfig:
     feature_sizes: list[int] = field(default_factory=lambda: [38, 19, 10, 5, 3, 1])
-    steps: list[float] = field(default_factory=lambda: [8, 16, 32, 64, 100, 300])
+    steps: list[float] | None = field(default_factory=lambda: [8, 16, 32, 64, 100, 300])  # None: f_k = feature size
     scales: list[float] | None = None      # None: the tutorial's 0.1 .. 0.95 rule, then 1.0
     aspect_ratios: list[list[float]] = field(default_factory=lambda: [[2], [2, 3], [2, 3], [2, 3], [2], [2]])
     clip: bool = False
     extra_box_second: bool = False
+    # Per level null (from scales and aspect_ratios) or the explicit [w, h] list of one location's boxes, in
+    # units of the image: layouts no scale rule gives (MindSpore's model zoo; fitted boxes).
+    sizes: list[list[list[float]] | None] | None = None
 
 
 @dataclass

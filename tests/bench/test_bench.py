@@ -125,3 +125,37 @@ def test_help_describes_every_option():
     assert len(options) > 20 and all(a.help for a in options), [a.dest for a in options if not a.help]
     text = " ".join(bench.format_help().split())   # argparse wraps to the terminal's width
     assert "default: 1 on the CPU" in text and "(default: bench.json)" in text
+
+
+@pytest.mark.parametrize("arch, reference", [("ssdlite320_mobilenet_v3", "ssdlite320_mobilenet_v3_large"),
+                                             ("ssd300_vgg16", "ssd300_vgg16")])
+def test_archs_with_a_torchvision_twin_run_on_its_weights(arch, reference):
+    """With a twin, multibox's detector gets torchvision's random weights: the same raw outputs on the same input."""
+    torch.manual_seed(0)
+    theirs = suite.torchvision_ssd(torch.device("cpu"), arch).eval()
+    ours = suite.build_model(suite.paper_config(suite.arch_preset(arch), arch)).eval()
+    ours.load_state_dict(suite.twin_weights(arch, theirs))
+    size = suite.paper_config(suite.arch_preset(arch), arch).model.image_size
+    x = torch.rand(1, 3, size, size)
+    raw = {}
+    theirs.head.register_forward_hook(lambda m, i, o: raw.update(o))
+    with torch.no_grad():
+        loc, cls = ours(x)
+        theirs.head(list(theirs.backbone(x).values()))
+    torch.testing.assert_close(loc, raw["bbox_regression"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cls, raw["cls_logits"], rtol=1e-4, atol=1e-4)
+    assert suite.reference_name(arch) == reference
+
+
+def test_every_preset_arch_is_benchable_and_unknown_archs_are_refused():
+    from multibox.config import preset_names
+    from multibox.errors import InputError
+
+    for preset in preset_names():
+        arch = suite.load_config(preset).model.arch
+        own = suite.arch_preset(arch)   # a preset of that arch (several presets may share one)
+        assert own == "ssd300-vgg16" if arch == "tiny" else suite.load_config(own).model.arch == arch
+        assert suite.reference_name(arch)
+    assert suite.reference_name("ssd512_vgg16") == "ssd300_vgg16"
+    with pytest.raises(InputError, match="unknown --arch resnet9000"):
+        suite.arch_preset("resnet9000")

@@ -5,6 +5,8 @@ References: values worked out by hand from SPEC §2's formulas, a literal port o
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,17 @@ def test_non_square_steps_other_image_size():
     # first box: centre 0.5/(512/8) = 0.0078125, size 0.04
     torch.testing.assert_close(boxes[0], torch.tensor([0.0078125, 0.0078125, 0.04, 0.04]))
     assert np.isclose(float(boxes[-1, 2]), (0.9 * 1.06) ** 0.5, atol=1e-6)
+
+
+def test_explicit_sizes_and_feature_size_centres_by_hand():
+    """``anchors.sizes`` replaces one level's (w, h) list; ``steps: null`` puts centres at (j + 0.5) / f."""
+    spec = AnchorSpec([2, 1], None, [0.2, 0.5, 0.9], [[2], []], 300,
+                      sizes=[[[0.1, 0.1], [0.3, 0.05]], None])
+    assert spec.boxes_per_location() == [2, 2] and spec.num_anchors() == 2 * 2 * 2 + 2
+    boxes = default_boxes_cxcywh(spec, torch.float64)
+    expected_level0 = [[cx, cy, w, h] for cy in (0.25, 0.75) for cx in (0.25, 0.75)
+                       for w, h in ((0.1, 0.1), (0.3, 0.05))]
+    torch.testing.assert_close(boxes[:8], torch.tensor(expected_level0, dtype=torch.float64))
+    root = math.sqrt(0.5 * 0.9)   # level 1 from its scale: (s, s), then the extra box (no aspect ratios)
+    torch.testing.assert_close(boxes[8:], torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, root, root]],
+                                                       dtype=torch.float64))

@@ -47,6 +47,7 @@ CASES = [
               "eval.nms_threshold=0.6"], ("max_per_class", "max_per_image")),
     pytest.param(("ssd300-vgg16-seed", [], ()), marks=pytest.mark.slow),
     pytest.param(("ssd300-vgg16", [], ()), marks=pytest.mark.slow),
+    pytest.param(("ssdlite320-mobilenet-v3", [], ()), marks=pytest.mark.slow),
 ]
 
 

@@ -155,7 +155,7 @@ def test_weights_of_another_preset_are_refused_before_any_download(hub, key, nam
         plan_initial_weights(load_config("ssd300-vgg16", [f"{key}={name}"]))
     assert f"{name}: torchvision's" in str(err.value) and f"of the {belongs} preset" in str(err.value)
     assert "not of model.arch ssd300_vgg16" in str(err.value) and hub.calls == []
-    assert "that preset is not in this version of multibox" in str(err.value)   # no --config to a missing preset
+    assert f"choose that preset (--config {belongs})" in str(err.value)
     with pytest.raises(ConfigError, match="of the ssd300-vgg16 preset, not of model.arch ssd512_vgg16; choose that "
                                           r"preset \(--config ssd300-vgg16\)"):
         plan_initial_weights(load_config("ssd512-vgg16", ["model.weights=ssd300_vgg16_coco"]))
@@ -260,6 +260,9 @@ def test_a_run_writes_the_stages_it_trains_and_an_older_run_resumes_training_all
     older = settled(True)
     assert older.model.trainable_backbone_layers == 5 and _frozen(older)[0] == set()
     assert settled(True, "model.trainable_backbone_layers=3").model.trainable_backbone_layers == 3
+    ssdlite = load_config("ssdlite320-mobilenet-v3", ["model.weights=mobilenet_v3_large"])
+    settle_backbone_stages(ssdlite, False)
+    assert ssdlite.model.trainable_backbone_layers is None   # no VGG16 stages to name
 
 
 @pytest.mark.parametrize("preset", ["ssd300-vgg16", "ssd300-vgg16-seed", "tiny"])

@@ -1,4 +1,5 @@
-"""``multibox bench``: speed against torchvision's ``ssd300_vgg16`` in the same process (SPEC §5)."""
+"""``multibox bench``: speed against torchvision's ``ssd300_vgg16`` (or the arch's torchvision twin) in the same
+process (SPEC §5)."""
 
 # The bench's lines (multibox.bench.suite), here without torch: ``multibox bench --help`` lists them.
-LINES = ("train_step", "train_e2e", "infer_e2e", "augment", "eval", "data")
+LINES = ("train_step", "train_e2e", "infer_e2e", "infer_jpeg", "augment", "eval", "data")

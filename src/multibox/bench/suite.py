@@ -1,4 +1,6 @@
-"""``multibox bench``: multibox against torchvision's ``ssd300_vgg16`` (random weights), same process, same device.
+"""``multibox bench``: multibox against torchvision's ``ssd300_vgg16`` (random weights), same process, same device;
+with ``--arch ssdlite320_mobilenet_v3`` against torchvision's ``ssdlite320_mobilenet_v3_large``, and where the arch
+has such a twin, inference runs both on the same weights (:data:`TORCHVISION_TWINS`).
 
 Every line reports multibox's number, the reference's, and their ratio (> 1 means multibox is faster):
 
@@ -12,6 +14,7 @@ Every line reports multibox's number, the reference's, and their ratio (> 1 mean
   preprocessing, box decoding and NMS included, in the worst case (random weights: nearly every anchor passes the
   score threshold) and a realistic one (a fixed budget of confident boxes per image, imposed on both systems alike
   through a hook on their class heads); batch-1 rows also give the latency in ms;
+- ``infer_jpeg``: the realistic case from JPEG files on disk (640 x 480), decoding included;
 - ``augment``: images/s of the training augmentation on one CPU thread (torchvision: its reference SSD
   transforms plus the resize its model does) and of the batched augmentation on the bench device;
 - ``eval``: seconds of COCO evaluation of a fixed prediction set (reference: pycocotools);
@@ -41,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from multibox.bench import LINES
-from multibox.config import Config, load_config
+from multibox.config import Config, load_config, preset_names
 from multibox.runtime import PRECISIONS, autocast
 from multibox.core.matching import pad_targets
 from multibox.errors import InputError
@@ -125,8 +128,23 @@ class _TinyTrunk(nn.Module):
         return OrderedDict((str(i), f) for i, f in enumerate(self.body(x)))
 
 
+# multibox archs with a torchvision counterpart: the bench compares each with it on the same weights; every other
+# arch is compared with torchvision's ssd300_vgg16, the reference of SPEC §5.
+TORCHVISION_TWINS = {"ssd300_vgg16": "ssd300_vgg16", "ssdlite320_mobilenet_v3": "ssdlite320_mobilenet_v3_large"}
+
+
+def reference_name(arch: str) -> str:
+    """torchvision's model that ``arch`` is measured against."""
+    return "SSD around the tiny trunk" if arch == "tiny" else TORCHVISION_TWINS.get(arch, "ssd300_vgg16")
+
+
 def torchvision_ssd(device: torch.device, arch: str = "ssd300_vgg16") -> nn.Module:
-    """torchvision's ``ssd300_vgg16`` with random weights, or (``arch="tiny"``) its ``SSD`` around the tiny trunk."""
+    """torchvision's twin of ``arch`` (:data:`TORCHVISION_TWINS`; ``ssd300_vgg16`` otherwise) with random weights,
+    or (``arch="tiny"``) its ``SSD`` around the tiny trunk."""
+    if arch == "ssdlite320_mobilenet_v3":
+        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+        return ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                             num_classes=NUM_CLASSES + 1).to(device)
     if arch != "tiny":
         from torchvision.models.detection import ssd300_vgg16
         return ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1).to(device)
@@ -137,6 +155,15 @@ def torchvision_ssd(device: torch.device, arch: str = "ssd300_vgg16") -> nn.Modu
                                   steps=[int(s) for s in cfg.anchors.steps])
     return SSD(_TinyTrunk(cfg), anchors, (300, 300), NUM_CLASSES + 1,
                image_mean=[0.48235, 0.45882, 0.40784], image_std=[1.0 / 255.0] * 3).to(device)
+
+
+def twin_weights(arch: str, theirs: nn.Module) -> dict[str, Tensor] | None:
+    """torchvision's random weights in multibox's layout when ``arch`` has a torchvision twin (both systems then
+    compute the same function, and the worst case sends the same candidates to NMS); None otherwise."""
+    if arch not in TORCHVISION_TWINS:
+        return None
+    from multibox.interop.torchvision import torchvision_detector_state_dict
+    return torchvision_detector_state_dict({k: v.cpu() for k, v in theirs.state_dict().items()}, "bench")[1]
 
 
 def _maybe_compile(model: nn.Module, compile_: bool) -> nn.Module:
@@ -222,14 +249,23 @@ def make_e2e_data(root: Path, num_images: int, seed: int = 0) -> tuple[Path, Pat
     return ann, root / "shards"
 
 
-def _reference_train_transform():
-    """torchvision's references/detection ``DetectionPresetTrain(data_augmentation="ssd")`` (v2, PIL backend)."""
+def _reference_augmentation(arch: str) -> list:
+    """torchvision's references/detection augmentation: ``data_augmentation="ssd"`` (photometric distortion,
+    zoom-out, IoU crop, flip), or ``"ssdlite"`` (IoU crop and flip) for SSDLite, as its recipe trains."""
+    from torchvision.transforms import v2
+
+    photometric = [] if arch == "ssdlite320_mobilenet_v3" else \
+        [v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=list(REFERENCE_MEAN))]
+    return [*photometric, v2.RandomIoUCrop(), v2.RandomHorizontalFlip(p=0.5)]
+
+
+def _reference_train_transform(arch: str = "ssd300_vgg16"):
+    """torchvision's references/detection ``DetectionPresetTrain`` for ``arch`` (v2, PIL backend)."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
     return v2.Compose([
-        v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=list(REFERENCE_MEAN)), v2.RandomIoUCrop(),
-        v2.RandomHorizontalFlip(p=0.5), v2.ToImage(), v2.ToDtype(torch.float, scale=True),
+        *_reference_augmentation(arch), v2.ToImage(), v2.ToDtype(torch.float, scale=True),
         v2.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.XYXY), v2.SanitizeBoundingBoxes(), v2.ToPureTensor()])
 
 
@@ -289,7 +325,7 @@ def bench_train_e2e(preset: str, device: torch.device, batch: int, amp: torch.dt
             rates[pipeline] = _run_loader(loader, our_step, device, warmup, iters, batch)
             del ours, loader
         with contextlib.redirect_stdout(None):   # pycocotools' loading messages
-            coco = TVCoco(str(Path(ann).parent / "images"), str(ann), transforms=_reference_train_transform())
+            coco = TVCoco(str(Path(ann).parent / "images"), str(ann), transforms=_reference_train_transform(arch))
         dataset = wrap_dataset_for_transforms_v2(coco, target_keys=["boxes", "labels"])
         sampler = RandomSampler(dataset, num_samples=needed, generator=torch.Generator().manual_seed(0))
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=True,
@@ -329,13 +365,18 @@ def budget_hook(budget: int | None, activation: str, seed: int):
     return hook
 
 
-def _detector(cfg: Config, device: torch.device, amp: torch.dtype | None, compile_: bool):
-    """multibox's Detector as ``multibox predict`` builds it (NHWC, ``eval.precision``, ``eval.compile``)."""
+def _detector(cfg: Config, device: torch.device, amp: torch.dtype | None, compile_: bool,
+              state_dict: dict[str, Tensor] | None = None):
+    """multibox's Detector as ``multibox predict`` builds it (NHWC, ``eval.precision``, ``eval.compile``), with
+    ``state_dict``'s weights when given."""
     from multibox.inference.detector import Detector
 
     cfg.eval.precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
     cfg.eval.compile = compile_
-    return Detector(build_model(cfg), cfg, ["background"] + [f"c{i}" for i in range(1, NUM_CLASSES + 1)], device)
+    model = build_model(cfg)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return Detector(model, cfg, ["background"] + [f"c{i}" for i in range(1, NUM_CLASSES + 1)], device)
 
 
 def _class_heads(detector) -> list[nn.Module]:
@@ -343,19 +384,34 @@ def _class_heads(detector) -> list[nn.Module]:
     return [head[-1] if isinstance(head, nn.Sequential) else head for head in model.cls_heads]
 
 
-def bench_infer(preset: str, device: torch.device, batch: int, amp: torch.dtype | None, iters: int,
-                budget: int | None, arch: str = "ssd300_vgg16", compile_: bool = False, warmup: int = 1) -> dict:
-    cfg = paper_config(preset, arch)
-    g = torch.Generator().manual_seed(1)
-    images = [(torch.rand(3, *INFER_HW, generator=g) * 255).to(torch.uint8) for _ in range(batch)]
-    detector = _detector(cfg, device, amp, compile_)
+def _paired_detectors(preset: str, device: torch.device, amp: torch.dtype | None, budget: int | None, arch: str,
+                      compile_: bool):
+    """(multibox's Detector, torchvision's model) on the same weights where ``arch`` has a twin, with the budget
+    hook on both systems' class heads when ``budget`` is given."""
     theirs = torchvision_ssd(device, arch).eval()
+    detector = _detector(paper_config(preset, arch), device, amp, compile_, twin_weights(arch, theirs))
     if budget is not None:
         activation = detector.postprocess.score_activation
         for head in _class_heads(detector):
             head.register_forward_hook(budget_hook(budget, activation, 0))
         for head in theirs.head.classification_head.module_list:
-            head.register_forward_hook(budget_hook(budget, "softmax", 0))
+            last = head[-1] if isinstance(head, nn.Sequential) else head
+            last.register_forward_hook(budget_hook(budget, "softmax", 0))
+    return detector, theirs
+
+
+def _infer_row(name: str, batch: int, seconds: dict[str, float]) -> dict:
+    ours_s, their_s = seconds["ours"], seconds["theirs"]
+    extra = {"latency_ms": round(1000 * ours_s, 2), "reference_latency_ms": round(1000 * their_s, 2)} \
+        if batch == 1 else {}
+    return row(name, batch / ours_s, batch / their_s, "img/s", batch=batch, **extra)
+
+
+def bench_infer(preset: str, device: torch.device, batch: int, amp: torch.dtype | None, iters: int,
+                budget: int | None, arch: str = "ssd300_vgg16", compile_: bool = False, warmup: int = 1) -> dict:
+    g = torch.Generator().manual_seed(1)
+    images = [(torch.rand(3, *INFER_HW, generator=g) * 255).to(torch.uint8) for _ in range(batch)]
+    detector, theirs = _paired_detectors(preset, device, amp, budget, arch, compile_)
 
     def ours():
         detector.predict(images, batch_size=batch)
@@ -368,11 +424,38 @@ def bench_infer(preset: str, device: torch.device, batch: int, amp: torch.dtype 
 
     name = f"infer_e2e b{batch} " + ("worst" if budget is None else f"{budget} boxes/img") \
         + (" +compile" if compile_ else "")
-    seconds = paired({"ours": ours, "theirs": their}, device, warmup, iters)
-    ours_s, their_s = seconds["ours"], seconds["theirs"]
-    extra = {"latency_ms": round(1000 * ours_s, 2), "reference_latency_ms": round(1000 * their_s, 2)} \
-        if batch == 1 else {}
-    return row(name, batch / ours_s, batch / their_s, "img/s", batch=batch, **extra)
+    return _infer_row(name, batch, paired({"ours": ours, "theirs": their}, device, warmup, iters))
+
+
+def bench_infer_jpeg(preset: str, device: torch.device, batch: int, amp: torch.dtype | None, iters: int,
+                     budget: int, arch: str = "ssd300_vgg16", compile_: bool = False, warmup: int = 1,
+                     workdir: str | None = None) -> dict:
+    """``infer_jpeg``: from JPEG files on disk (640 x 480) to detections, decoding included: multibox's
+    ``predict(paths)``; torchvision reads and decodes each file with ``torchvision.io`` and runs its model."""
+    from torchvision.io import decode_jpeg, encode_jpeg, read_file
+
+    detector, theirs = _paired_detectors(preset, device, amp, budget, arch, compile_)
+    g = torch.Generator().manual_seed(2)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        paths = []
+        for i in range(batch):
+            path = Path(tmp) / f"{i}.jpg"
+            path.write_bytes(encode_jpeg((torch.rand(3, *INFER_HW, generator=g) * 255).to(torch.uint8),
+                                         quality=90).numpy().tobytes())
+            paths.append(str(path))
+
+        def ours():
+            detector.predict(paths, batch_size=batch)
+
+        @torch.no_grad()
+        def their():
+            images = [decode_jpeg(read_file(p)).to(device, non_blocking=True).float() / 255.0 for p in paths]
+            with autocast(device, amp):
+                out = theirs(images)
+            return [{k: v.cpu() for k, v in d.items()} for d in out]
+
+        seconds = paired({"ours": ours, "theirs": their}, device, warmup, iters)
+    return _infer_row(f"infer_jpeg b{batch} {budget} boxes/img" + (" +compile" if compile_ else ""), batch, seconds)
 
 
 # ------------------------------------------------------------------------------------------------ augment
@@ -387,7 +470,8 @@ def _augment_samples(num_images: int) -> list[tuple[Tensor, dict]]:
             for i, (b, lab) in enumerate(zip(boxes, labels))]
 
 
-def bench_augment(preset: str, num_images: int, device: torch.device, iters: int = 3) -> list[dict]:
+def bench_augment(preset: str, num_images: int, device: torch.device, iters: int = 3,
+                  arch: str = "ssd300_vgg16") -> list[dict]:
     """Per-worker augmentation throughput on one thread, and the batched augmentation on ``device``, both against
     torchvision's reference SSD transforms on one thread (plus the resize to S that its model does on the device)."""
     from torchvision import tv_tensors
@@ -408,8 +492,7 @@ def bench_augment(preset: str, num_images: int, device: torch.device, iters: int
                 ours(img, target)
 
         reference = v2.Compose([
-            v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=list(REFERENCE_MEAN)), v2.RandomIoUCrop(),
-            v2.RandomHorizontalFlip(p=0.5), v2.Resize([cfg.model.image_size] * 2), v2.SanitizeBoundingBoxes(),
+            *_reference_augmentation(arch), v2.Resize([cfg.model.image_size] * 2), v2.SanitizeBoundingBoxes(),
             v2.ToDtype(torch.float, scale=True)])
         their_samples = [(tv_tensors.Image(img), {"boxes": tv_tensors.BoundingBoxes(t["boxes"], format="XYXY",
                                                                                     canvas_size=(375, 500)),
@@ -553,8 +636,8 @@ class BenchOptions:
     filled in by :meth:`resolved`. ``precision`` and ``only`` are comma-separated lists, as on the command line."""
 
     device: str | None = None              # default: cuda when there is one, else cpu
-    preset: str = "ssd300-vgg16"
-    arch: str = "ssd300_vgg16"             # ssd300_vgg16 | tiny
+    preset: str | None = None              # default: the arch's own preset (tiny: ssd300-vgg16's settings)
+    arch: str = "ssd300_vgg16"             # tiny or any preset's model.arch
     precision: str | None = None           # cuda: bf16,fp32; cpu: fp32
     train_batch: int | None = None         # cuda 64, cpu 4
     infer_batches: list[int] | None = None   # cuda [1, 64], cpu [1, 8]
@@ -589,6 +672,7 @@ class BenchOptions:
         train_batch = self.train_batch or (64 if cuda else 4)
         return replace(
             self, device=device, precision=precision, train_batch=train_batch,
+            preset=self.preset or arch_preset(self.arch),
             infer_batches=self.infer_batches or ([1, 64] if cuda else [1, 8]),
             iters=self.iters or (20 if cuda else 3),
             warmup=self.warmup if self.warmup is not None else (3 if cuda else 1),
@@ -597,6 +681,17 @@ class BenchOptions:
             pipelines=self.pipelines or (["cpu", "batched"] if cuda else ["cpu"]),
             e2e_images=self.e2e_images or (512 if cuda else max(8, 2 * train_batch)),
             threads=self.threads if self.threads is not None else (0 if cuda else 1))
+
+
+def arch_preset(arch: str) -> str:
+    """The preset whose ``model.arch`` is ``arch`` (tiny: ssd300-vgg16, whose trunk it swaps); InputError if none."""
+    if arch == "tiny":
+        return "ssd300-vgg16"
+    preset = arch.replace("_", "-")
+    if preset not in preset_names():
+        raise InputError(f"unknown --arch {arch}; choose tiny or one of "
+                         f"{', '.join(p.replace('-', '_') for p in preset_names() if p != 'tiny')}")
+    return preset
 
 
 def run(options: BenchOptions) -> list[dict]:
@@ -627,8 +722,12 @@ def run(options: BenchOptions) -> list[dict]:
                 for budget in (None, o.budget):
                     measured(bench_infer(o.preset, device, batch, amp, o.iters, budget, o.arch, o.compile,
                                          o.warmup), precision=precision)
+        if "infer_jpeg" in only:
+            for batch in o.infer_batches:
+                measured(bench_infer_jpeg(o.preset, device, batch, amp, o.iters, o.budget, o.arch, o.compile,
+                                          o.warmup, o.workdir), precision=precision)
     if "augment" in only:
-        measured(*bench_augment(o.preset, o.augment_images, device, max(1, o.iters)))
+        measured(*bench_augment(o.preset, o.augment_images, device, max(1, o.iters), o.arch))
     if "eval" in only:
         measured(bench_eval(o.eval_images, o.eval_dets))
     if "data" in only:
@@ -653,7 +752,8 @@ def bench_report(options: BenchOptions) -> dict:
         threads = torch.get_num_threads()
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         title = f"multibox bench on {name}, {threads} thread{'' if threads == 1 else 's'} (torch " \
-                f"{torch.__version__}, torchvision {torchvision.__version__}, arch {options.arch})"
+                f"{torch.__version__}, torchvision {torchvision.__version__}, arch {options.arch} against " \
+                f"torchvision's {reference_name(options.arch)})"
         only = options.only.split(",") if options.only else LINES
         logger.info("%s: measuring %s", title, ", ".join(line for line in LINES if line in only))
         report = {"device": name, "threads": threads, "title": title, "torch": torch.__version__,

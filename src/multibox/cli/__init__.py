@@ -26,9 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "pack COCO / VOC / custom COCO-format data (or tutorial MindRecord files) into Arrow "
                            "shards"),
     "check-data": ("check_data", "validate a dataset: every problem with its file and annotation id"),
-    "import-weights": ("import_weights", "convert torchvision ssd300_vgg16 or MindSpore tutorial weights into a "
-                                         "checkpoint"),
-    "bench": ("bench", "benchmark multibox against torchvision's SSD300 in one process"),
+    "import-weights": ("import_weights", "convert torchvision (SSD300, SSDLite) or MindSpore (tutorial, model zoo) "
+                                         "weights into a checkpoint, recognising the network"),
+    "bench": ("bench", "benchmark multibox against torchvision's SSD300 (or the arch's twin) in one process"),
 }
 
 

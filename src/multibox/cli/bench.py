@@ -12,11 +12,13 @@ from multibox.cli import command_help
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help=command_help("bench"))
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when there is one, else cpu)")
-    p.add_argument("--preset", default="ssd300-vgg16",
-                   help="multibox preset (the reference is always torchvision's; default: %(default)s)")
-    p.add_argument("--arch", default="ssd300_vgg16", choices=["ssd300_vgg16", "tiny"],
-                   help="tiny: both systems on multibox's tiny trunk (a fast smoke test of every line; "
-                        "default: %(default)s)")
+    p.add_argument("--arch", default="ssd300_vgg16",
+                   help="any preset's model.arch (ssd300_vgg16, ssdlite320_mobilenet_v3, ssd512_vgg16, ...): "
+                        "measured against its torchvision twin on the same weights where there is one "
+                        "(ssd300_vgg16, ssdlite320_mobilenet_v3), else torchvision's ssd300_vgg16; tiny: both "
+                        "systems on multibox's tiny trunk (a fast smoke test of every line; default: %(default)s)")
+    p.add_argument("--preset", default=None,
+                   help="multibox preset for the arch's settings (default: the arch's own preset)")
     p.add_argument("--precision", default=None, help="comma-separated bf16,fp32: both systems autocast alike "
                                                       "(cuda: bf16,fp32; cpu: fp32 -- bf16 needs AVX512-BF16/AMX)")
     p.add_argument("--train-batch", type=int, default=None, help="train_step / train_e2e batch (cuda 64, cpu 4)")

@@ -21,19 +21,30 @@ if TYPE_CHECKING:
 class AnchorSpec:
     """Geometry of the default boxes, all in units of the (square) input image.
 
-    ``scales`` has one more entry than ``feature_sizes``: the last is s_{k+1} of the last level.
+    ``scales`` has one more entry than ``feature_sizes``: the last is s_{k+1} of the last level. ``steps`` None:
+    f_k is the feature size itself (torchvision's ``DefaultBoxGenerator`` without steps). ``sizes``: per level
+    None (derived from scales and aspect ratios, :func:`level_sizes`) or the explicit (w, h) list of one location,
+    for layouts no scale rule gives (MindSpore's model zoo, fitted boxes).
     """
 
     feature_sizes: Sequence[int]
-    steps: Sequence[float]
+    steps: Sequence[float] | None
     scales: Sequence[float]
     aspect_ratios: Sequence[Sequence[float]]
     image_size: int
     clip: bool = False
     extra_box_second: bool = False  # torchvision puts the √(s_k·s_{k+1}) box second, the tutorial last
+    sizes: Sequence[Sequence[Sequence[float]] | None] | None = None
+
+    def location_sizes(self, level: int) -> list[tuple[float, float]]:
+        """(w, h) of the boxes at one location of ``level``, in order."""
+        if self.sizes is not None and self.sizes[level] is not None:
+            return [(float(w), float(h)) for w, h in self.sizes[level]]
+        return level_sizes(self.scales[level], self.scales[level + 1], self.aspect_ratios[level],
+                           self.extra_box_second)
 
     def boxes_per_location(self) -> list[int]:
-        return [2 + 2 * len(r) for r in self.aspect_ratios]
+        return [len(self.location_sizes(k)) for k in range(len(self.feature_sizes))]
 
     def num_anchors(self) -> int:
         return sum(f * f * k for f, k in zip(self.feature_sizes, self.boxes_per_location()))
@@ -60,15 +71,14 @@ def level_sizes(scale: float, next_scale: float, ratios: Sequence[float],
 def default_boxes_cxcywh(spec: AnchorSpec, dtype: torch.dtype = torch.float32) -> Tensor:
     """All default boxes as an (A, 4) cxcywh tensor normalised to [0, 1] (sizes clipped only if ``spec.clip``).
 
-    Centres are ((j + 0.5)/f_k, (i + 0.5)/f_k) with f_k = image_size / step_k.
+    Centres are ((j + 0.5)/f_k, (i + 0.5)/f_k) with f_k = image_size / step_k (the feature size without steps).
     """
     levels = []
-    for k, (fsize, step, ratios) in enumerate(zip(spec.feature_sizes, spec.steps, spec.aspect_ratios)):
-        f_k = spec.image_size / step
+    for k, fsize in enumerate(spec.feature_sizes):
+        f_k = fsize if spec.steps is None else spec.image_size / spec.steps[k]
         centres = (torch.arange(fsize, dtype=torch.float64) + 0.5) / f_k
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")  # rows i, then columns j
-        sizes = level_sizes(spec.scales[k], spec.scales[k + 1], ratios, spec.extra_box_second)
-        wh = torch.tensor(sizes, dtype=torch.float64)
+        wh = torch.tensor(spec.location_sizes(k), dtype=torch.float64)
         n = len(wh)
         xy = torch.stack((cx, cy), dim=-1).reshape(-1, 1, 2).expand(-1, n, 2)
         levels.append(torch.cat((xy, wh.expand(xy.shape[0], n, 2)), dim=-1).reshape(-1, 4))
@@ -81,5 +91,8 @@ def default_boxes_cxcywh(spec: AnchorSpec, dtype: torch.dtype = torch.float32) -
 def anchor_spec(anchors: AnchorConfig, image_size: int) -> AnchorSpec:
     """The default-box geometry of an ``anchors`` config section (scales: the tutorial's rule when not given)."""
     scales = anchors.scales or tutorial_scales(len(anchors.feature_sizes))
+    if anchors.sizes is not None and len(anchors.sizes) != len(anchors.feature_sizes):
+        raise ValueError(f"anchors.sizes has {len(anchors.sizes)} levels, anchors.feature_sizes "
+                         f"{len(anchors.feature_sizes)}")
     return AnchorSpec(anchors.feature_sizes, anchors.steps, scales, anchors.aspect_ratios, image_size,
-                      anchors.clip, anchors.extra_box_second)
+                      anchors.clip, anchors.extra_box_second, anchors.sizes)

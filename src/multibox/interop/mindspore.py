@@ -1,6 +1,9 @@
-"""A ``mindspore.save_checkpoint`` file of the MindSpore tutorial's ``SSD300Vgg16`` as a multibox checkpoint of the
-``ssd300-vgg16-seed`` preset (:func:`import_mindspore_ckpt`), read with the ``protobuf`` package alone (no
-MindSpore); :func:`write_mindspore_ckpt` writes the same format (tests).
+"""A ``mindspore.save_checkpoint`` file of a MindSpore SSD as a multibox checkpoint (:func:`import_mindspore_ckpt`),
+read with the ``protobuf`` package alone (no MindSpore); :func:`write_mindspore_ckpt` writes the same format (tests).
+
+Which network a file holds is recognised from its parameter names and shapes by the modules of
+:data:`MINDSPORE_NETWORKS`; this one knows the SSD300-VGG16s: the MindSpore tutorial's ``SSD300Vgg16``
+(``ssd300-vgg16-seed``) and the model zoo's ``SSD300VGG16`` (``ssd300-vgg16-zoo``, with or without ``ssd_vgg_bn``).
 
 Every parameter is mapped by name and shape; parameters the source lacks, source entries nothing uses and shape
 mismatches fail loudly, listing them (:func:`multibox.models.weights.remap_state_dict`).
@@ -8,6 +11,7 @@ mismatches fail loudly, listing them (:func:`multibox.models.weights.remap_state
 from __future__ import annotations
 
 import binascii
+import importlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,14 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multibox.config import load_config
+from multibox.config import Config, load_config
 from multibox.data.categories import category_ids_of
 from multibox.models import model_skeleton
 from multibox.models.vgg import VGG16_BLOCKS
 from multibox.models.weights import WeightMappingError, describe_names, remap_state_dict
 
-__all__ = ["TUTORIAL_CLASS_NAMES", "import_mindspore_ckpt", "read_mindspore_ckpt", "swap_yx_offsets",
-           "tutorial_mindspore_pairs", "write_mindspore_ckpt"]
+__all__ = ["MINDSPORE_NETWORKS", "TUTORIAL_CLASS_NAMES", "VGG16_LAYOUTS", "convert", "import_mindspore_ckpt",
+           "mindspore_vgg16_pairs", "read_mindspore_ckpt", "recognise", "swap_yx_offsets", "tutorial_mindspore_pairs",
+           "vgg16_config", "vgg16_layout", "write_mindspore_ckpt"]
 
 
 # The tutorial's `train_cls`: background, then COCO's 80 category names in category-id order.
@@ -175,31 +180,77 @@ def write_mindspore_ckpt(path: str | Path, tensors: Mapping[str, np.ndarray | Te
             f.write(message.SerializeToString())
 
 
-def tutorial_mindspore_pairs(num_levels: int = 6) -> list[tuple[str, str]]:
-    """(our name, MindSpore name) for every parameter of the tutorial's ``SSD300Vgg16`` (SPEC §2): ``backbone.bS.J``
-    (no biases), ``b6_1`` (fc6), ``b7_1`` (fc7), ``b8_1`` .. ``b11_2`` (extras), and the heads
-    ``multi_box.multi_{loc,cls}_layers.K.{0: depthwise, 1: BatchNorm, 3: 1x1 conv}``; BatchNorm's gamma, beta,
-    moving_mean, moving_variance are PyTorch's weight, bias, running_mean, running_var."""
+# Where a MindSpore SSD300-VGG16 keeps each VGG convolution inside a stage ``bN`` (a SequentialCell), and its
+# BatchNorm: the tutorial's `_make_layer` holds convolutions only (0, 1, 2); the model zoo's appends a ReLU cell
+# after each (0, 2, 4); with `ssd_vgg_bn` a BatchNorm2d between them (conv 0, 3, 6; BatchNorm 1, 4, 7).
+# layout -> (cells per convolution, whether a BatchNorm follows each convolution).
+VGG16_LAYOUTS: dict[str, tuple[int, bool]] = {"tutorial": (1, False), "zoo": (2, False), "zoo_bn": (3, True)}
+# Default boxes per location of the six levels -> the preset of that anchor layout.
+_ANCHOR_PRESETS = {(4, 6, 6, 6, 4, 4): "ssd300-vgg16-seed", (3, 6, 6, 6, 6, 6): "ssd300-vgg16-zoo"}
+
+
+def _batchnorm_pairs(ours: str, theirs: str) -> list[tuple[str, str]]:
+    """MindSpore's BatchNorm2d gamma, beta, moving_mean, moving_variance are PyTorch's weight, bias, running_mean,
+    running_var."""
+    return [(f"{ours}.weight", f"{theirs}.gamma"), (f"{ours}.bias", f"{theirs}.beta"),
+            (f"{ours}.running_mean", f"{theirs}.moving_mean"), (f"{ours}.running_var", f"{theirs}.moving_variance")]
+
+
+def mindspore_vgg16_pairs(layout: str = "tutorial", num_levels: int = 6) -> list[tuple[str, str]]:
+    """(our name, MindSpore name) for every parameter of a MindSpore SSD300-VGG16 whose VGG stages are laid out as
+    ``layout`` (:data:`VGG16_LAYOUTS`): the tutorial's ``SSD300Vgg16`` (SPEC §2) or the model zoo's
+    ``SSD300VGG16`` (official/cv/ssd, src/ssd.py and src/vgg16.py). ``backbone.bS.J`` (no biases; ours
+    ``backbone.blocks.S-1.I`` with I = 2j, or 3j with BatchNorm at 3j + 1, :func:`multibox.models.vgg.vgg_block`),
+    ``b6_1`` (fc6), ``b7_1`` (fc7), ``b8_1`` .. ``b11_2`` (extras), and the heads
+    ``multi_box.multi_{loc,cls}_layers.K.{0: depthwise, 1: BatchNorm, 3: 1x1 conv}``."""
+    cells, batch_norm = VGG16_LAYOUTS[layout]
+    ours_step = 3 if batch_norm else 2
     pairs = []
     for b, widths in enumerate(VGG16_BLOCKS):
-        pairs += [(f"backbone.blocks.{b}.{2 * j}.weight", f"backbone.b{b + 1}.{j}.weight") for j in range(len(widths))]
+        for j in range(len(widths)):
+            dst, src = f"backbone.blocks.{b}.{ours_step * j}", f"backbone.b{b + 1}.{cells * j}"
+            pairs.append((f"{dst}.weight", f"{src}.weight"))
+            if batch_norm:
+                pairs += _batchnorm_pairs(f"backbone.blocks.{b}.{ours_step * j + 1}",
+                                          f"backbone.b{b + 1}.{cells * j + 1}")
     pairs += [("backbone.fc6.weight", "b6_1.weight"), ("backbone.fc7.weight", "b7_1.weight")]
     pairs += [(f"backbone.extras.{e}.{c}.weight", f"b{e + 8}_{c + 1}.weight") for e in range(4) for c in range(2)]
     for ours, theirs in (("loc_heads", "multi_loc_layers"), ("cls_heads", "multi_cls_layers")):
         for k in range(num_levels):
             dst, src = f"{ours}.{k}", f"multi_box.{theirs}.{k}"
-            pairs += [(f"{dst}.0.weight", f"{src}.0.weight"),
-                      (f"{dst}.1.weight", f"{src}.1.gamma"), (f"{dst}.1.bias", f"{src}.1.beta"),
-                      (f"{dst}.1.running_mean", f"{src}.1.moving_mean"),
-                      (f"{dst}.1.running_var", f"{src}.1.moving_variance"),
+            pairs += [(f"{dst}.0.weight", f"{src}.0.weight"), *_batchnorm_pairs(f"{dst}.1", f"{src}.1"),
                       (f"{dst}.3.weight", f"{src}.3.weight"), (f"{dst}.3.bias", f"{src}.3.bias")]
     return pairs
 
 
-# Entries that a MindSpore *training* network or ModelCheckpoint adds next to the weights.
+def tutorial_mindspore_pairs(num_levels: int = 6) -> list[tuple[str, str]]:
+    """:func:`mindspore_vgg16_pairs` of the tutorial's layout (VGG convolutions at ``backbone.bS.{0, 1, 2}``)."""
+    return mindspore_vgg16_pairs("tutorial", num_levels)
+
+
+# Entries that a MindSpore *training* network or ModelCheckpoint adds next to the weights (``momentum``:
+# nn.Momentum's coefficient, a parameter of the optimizer).
 _TRAINING_STATE_NAMES = {"global_step", "learning_rate", "epoch_num", "step_num", "loss_scale", "scale_sense",
-                         "current_iterator_step", "last_overflow_iterator_step", "beta1_power", "beta2_power"}
+                         "current_iterator_step", "last_overflow_iterator_step", "beta1_power", "beta2_power",
+                         "momentum"}
 _TRAINING_STATE_PREFIXES = ("moments.", "accum.", "moment1.", "moment2.", "momentum.")
+# A training network's own prefix: the zoo's train.py checkpoints TrainingWrapper(SSDWithLossCell(net)), whose
+# loss cell holds the network as `self.network`, so every weight is saved as `network.<name>`.
+_TRAINING_NETWORK_PREFIX = "network."
+
+
+def _is_training_state(name: str) -> bool:
+    return name in _TRAINING_STATE_NAMES or name.startswith(_TRAINING_STATE_PREFIXES)
+
+
+def _without_training_prefix(source: dict[str, Any]) -> dict[str, Any]:
+    """``source`` with the ``network.`` prefix of a training network's checkpoint removed, when every weight (each
+    entry that is not training state) has it; otherwise ``source`` unchanged."""
+    weights = [k for k in source if not _is_training_state(k)]
+    if not weights or not all(k.startswith(_TRAINING_NETWORK_PREFIX) for k in weights):
+        return source
+    cut = len(_TRAINING_NETWORK_PREFIX)
+    return {k[cut:] if k.startswith(_TRAINING_NETWORK_PREFIX) else k: v for k, v in source.items()}
 
 
 def swap_yx_offsets(tensor: Tensor) -> Tensor:
@@ -209,37 +260,114 @@ def swap_yx_offsets(tensor: Tensor) -> Tensor:
     return tensor.reshape(k, 4, *tensor.shape[1:])[:, [1, 0, 3, 2]].reshape(tensor.shape).contiguous()
 
 
-def import_mindspore_ckpt(path: str | Path, ignore_training_state: bool = False) -> dict[str, Any]:
-    """A checkpoint of the MindSpore tutorial's ``SSD300Vgg16`` -> checkpoint payload of ``ssd300-vgg16-seed``.
+# The MindSpore networks `import-weights --from mindspore` recognises, tried in order: modules that define
+#   recognise(source: Mapping[str, np.ndarray]) -> bool      (from parameter names and shapes alone)
+#   convert(source: Mapping[str, np.ndarray], path: Path) -> dict   (the checkpoint payload, see import_mindspore_ckpt)
+MINDSPORE_NETWORKS: list[str] = ["multibox.interop.mindspore", "multibox.interop.mindspore_fpn",
+                                 "multibox.interop.mindspore_mobilenet_v2"]
 
-    Every parameter is mapped by name and shape (:func:`tutorial_mindspore_pairs`); missing or left-over entries are
-    an error. The tutorial's loc outputs are (dy, dx, dh, dw) per anchor and ours (dx, dy, dw, dh): the loc heads'
-    last 1x1 convolutions get their output channels (weight rows and bias) swapped 0<->1, 2<->3 per anchor, so the
-    imported network equals the tutorial's up to exactly that reordering of its loc output. Default boxes are in
-    the tutorial's order (extra box last) in the seed preset; class channel 0 is background in both.
+
+def import_mindspore_ckpt(path: str | Path, ignore_training_state: bool = False) -> dict[str, Any]:
+    """A ``mindspore.save_checkpoint`` file -> multibox checkpoint payload, for whichever network of
+    :data:`MINDSPORE_NETWORKS` recognises the file's parameter names and shapes.
+
+    The payload: ``model`` (state dict), ``config`` (``Config.to_dict()``), ``class_names`` (background first),
+    ``category_ids`` and ``imported_from`` (``"mindspore:<file name>"``). A training network's checkpoint (names
+    ``network.*``, as the model zoo's train.py writes them) reads as the network's own.
 
     Args:
         ignore_training_state: drop optimizer and bookkeeping entries (``moments.*``, ``global_step``,
-            ``learning_rate``, ``epoch_num``, ...) that a checkpoint of a MindSpore training network carries; by
+            ``learning_rate``, ``momentum``, ...) that a checkpoint of a MindSpore training network carries; by
             default they are left-overs, and an error.
     """
-    source = read_mindspore_ckpt(path)
-    ignored = set()
+    path = Path(path)
+    source = _without_training_prefix(read_mindspore_ckpt(path))
     if ignore_training_state:
-        ignored = {k for k in source if k in _TRAINING_STATE_NAMES or k.startswith(_TRAINING_STATE_PREFIXES)}
-    strings = {k for k, v in source.items() if isinstance(v, str)} - ignored
+        source = {k: v for k, v in source.items() if not _is_training_state(k)}
+    strings = {k for k, v in source.items() if isinstance(v, str)}
     if strings:
         raise WeightMappingError(f"{path}: string entries map to nothing: {describe_names(strings)}")
-    cfg = load_config("ssd300-vgg16-seed")
+    for name in MINDSPORE_NETWORKS:
+        network = importlib.import_module(name)
+        if network.recognise(source):
+            return network.convert(source, path)
+    raise WeightMappingError(f"{path}: no known MindSpore network has these parameters "
+                             f"({describe_names(source, limit=4)}); known: {', '.join(MINDSPORE_NETWORKS)}")
+
+
+def recognise(source: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``source`` is (an attempt at) a MindSpore SSD300-VGG16, the tutorial's or the model zoo's: it has
+    VGG16's first convolution ``backbone.b1.0.weight`` and fc6 ``b6_1.weight``."""
+    return "backbone.b1.0.weight" in source and "b6_1.weight" in source
+
+
+def vgg16_layout(source: Mapping[str, np.ndarray], path: Path | str = "checkpoint") -> str:
+    """The :data:`VGG16_LAYOUTS` entry of a MindSpore SSD300-VGG16 checkpoint, from where its first stage keeps
+    the two convolutions (4-d ``backbone.b1.I.weight``) and whether a BatchNorm (``backbone.b1.1.gamma``) follows:
+    (0, 1) tutorial, (0, 2) zoo, (0, 3) with BatchNorm zoo_bn."""
+    convs = tuple(sorted(int(k.split(".")[2]) for k, v in source.items()
+                         if k.startswith("backbone.b1.") and k.endswith(".weight") and k.count(".") == 3
+                         and np.ndim(v) == 4))
+    batch_norm = "backbone.b1.1.gamma" in source
+    for layout, (cells, with_bn) in VGG16_LAYOUTS.items():
+        if convs == (0, cells) and batch_norm == with_bn:
+            return layout
+    raise WeightMappingError(
+        f"{path}: backbone.b1 holds convolutions at {list(convs)}{' and a BatchNorm at 1' if batch_norm else ''}: "
+        "neither the MindSpore tutorial's VGG16 (0, 1), the model zoo's (0, 2) nor its ssd_vgg_bn (0, 3, "
+        "BatchNorm 1)")
+
+
+def _boxes_per_location(source: Mapping[str, np.ndarray], path: Path) -> tuple[int, ...]:
+    """Default boxes per location of each level, from the loc heads' last convolutions (4 outputs per box)."""
+    boxes, k = [], 0
+    while f"multi_box.multi_loc_layers.{k}.3.weight" in source:
+        boxes.append(np.shape(source[f"multi_box.multi_loc_layers.{k}.3.weight"])[0] // 4)
+        k += 1
+    if tuple(boxes) not in _ANCHOR_PRESETS:
+        known = "; ".join(f"{list(b)} ({p})" for b, p in _ANCHOR_PRESETS.items())
+        raise WeightMappingError(f"{path}: its loc heads predict {boxes} boxes per location, a layout of default "
+                                 f"boxes none of the known SSD300-VGG16s has: {known}")
+    return tuple(boxes)
+
+
+def vgg16_config(source: Mapping[str, np.ndarray], path: Path | str = "checkpoint") -> Config:
+    """The config of the network a MindSpore SSD300-VGG16 checkpoint holds: the preset of its default boxes
+    (``ssd300-vgg16-seed``: the tutorial's 4, 6, 6, 6, 4, 4 per location; ``ssd300-vgg16-zoo``: the zoo's
+    3, 6, 6, 6, 6, 6) with ``model.vgg_relu`` / ``model.vgg_bn`` of its VGG layout (:func:`vgg16_layout`)."""
+    path = Path(path)
+    layout = vgg16_layout(source, path)
+    boxes = _boxes_per_location(source, path)
+    cls = source.get("multi_box.multi_cls_layers.0.3.weight")
+    num_classes = None if cls is None else np.shape(cls)[0] // boxes[0]
+    if num_classes != len(TUTORIAL_CLASS_NAMES):
+        raise WeightMappingError(f"{path}: its class heads predict {num_classes} classes per box; the known "
+                                 f"SSD300-VGG16s predict background + COCO's 80 ({len(TUTORIAL_CLASS_NAMES)})")
+    return load_config(_ANCHOR_PRESETS[boxes], [f"model.vgg_relu={str(layout != 'tutorial').lower()}",
+                                                f"model.vgg_bn={str(VGG16_LAYOUTS[layout][1]).lower()}"])
+
+
+def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
+    """A checkpoint of a MindSpore SSD300-VGG16 (the tutorial's or the model zoo's) -> checkpoint payload of the
+    config :func:`vgg16_config` recognises.
+
+    Every parameter is mapped by name and shape (:func:`mindspore_vgg16_pairs`); missing or left-over entries are
+    an error. MindSpore's loc outputs are (dy, dx, dh, dw) per anchor (both sources' box_utils encode
+    [cy, cx, h, w]) and ours (dx, dy, dw, dh): the loc heads' last 1x1 convolutions get their output channels
+    (weight rows and bias) swapped 0<->1, 2<->3 per anchor, so the imported network equals MindSpore's up to
+    exactly that reordering of its loc output. Default boxes are in MindSpore's order (extra box last) in both
+    presets; class channel 0 is background in both.
+    """
+    cfg = vgg16_config(source, path)
     model = model_skeleton(cfg)
     target = model.state_dict()
     derived = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in target.items() if k.endswith("num_batches_tracked")}
-    state = remap_state_dict(source, tutorial_mindspore_pairs(), target, f"MindSpore checkpoint {path}",
-                             derived=derived, ignored=ignored)
+    pairs = mindspore_vgg16_pairs(vgg16_layout(source, path), len(cfg.anchors.feature_sizes))
+    state = remap_state_dict(source, pairs, target, f"MindSpore checkpoint {path}", derived=derived)
     for k in range(len(cfg.anchors.feature_sizes)):
         for p in ("weight", "bias"):
             state[f"loc_heads.{k}.3.{p}"] = swap_yx_offsets(state[f"loc_heads.{k}.3.{p}"])
     model.load_state_dict(state, assign=True)
-    # The tutorial's 80 classes are COCO 2017's in id order: its labels name COCO's category ids (12 -> 13).
+    # The 80 classes of both are COCO 2017's in id order: their labels name COCO's category ids (12 -> 13).
     return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
             "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{Path(path).name}"}

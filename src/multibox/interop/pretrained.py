@@ -5,7 +5,7 @@ The files are resolved before any data is read (:func:`multibox.models.published
 are loaded into the model :func:`multibox.engine.fit` builds for the data's classes (:func:`prepare_for_training`).
 A detector brings its backbone and box (loc) head; of its class head the background row and the rows of the
 classes whose names match the run's are kept, the other rows keep the model's own initialisation
-(:func:`multibox.models.weights.transfer_detector_weights`). Detector files: a torchvision ``ssd300_vgg16`` state
+(:func:`multibox.models.weights.transfer_detector_weights`). Detector files: a torchvision ``ssd300_vgg16`` or ``ssdlite320_mobilenet_v3_large`` state
 dict (``ssd300_vgg16_coco``; its classes are COCO's names as torchvision lists them) or a multibox checkpoint of the
 same arch (its ``class_names``).
 """
@@ -19,12 +19,12 @@ from torch import nn
 
 from multibox.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from multibox.config import Config
-from multibox.interop.torchvision import (is_torchvision_ssd300, torchvision_coco_class_names,
-                                          torchvision_ssd300_state_dict)
+from multibox.interop.torchvision import (is_torchvision_ssd300, is_torchvision_ssdlite, torchvision_coco_class_names,
+                                          torchvision_detector_state_dict)
 from multibox.models import freeze_backbone
 from multibox.models.published import (VGG16_STAGES, InitialWeights, plan_initial_weights,
                                        trainable_backbone_stages)
-from multibox.models.weights import (WeightMappingError, as_state_dict, load_vgg16_backbone, torch_load_file,
+from multibox.models.weights import (WeightMappingError, as_state_dict, load_backbone, torch_load_file,
                                      transfer_detector_weights)
 
 __all__ = ["load_detector_weights", "load_initial_weights", "plan_initial_weights", "prepare_for_training"]
@@ -52,7 +52,7 @@ def load_initial_weights(model: nn.Module, cfg: Config, initial: InitialWeights,
     if initial.detector is not None:
         load_detector_weights(model, cfg, initial.detector, class_names, initial.detector_source)
     elif initial.backbone is not None:
-        load_vgg16_backbone(model, initial.backbone, _named(initial.backbone_source, initial.backbone))
+        load_backbone(model, initial.backbone, _named(initial.backbone_source, initial.backbone))
 
 
 def _named(source: str | None, path: Path) -> str:
@@ -76,23 +76,28 @@ def load_detector_weights(model: nn.Module, cfg: Config, path: Path, class_names
     else:
         if isinstance(raw, dict) and isinstance(raw.get("model"), dict):   # torchvision's reference checkpoints
             raw = raw["model"]
-        if not isinstance(raw, dict) or not (is_torchvision_ssd300(raw) or "features.0.weight" in raw
-                                             or "31.weight" in raw):
-            raise WeightMappingError(f"{origin}: neither a multibox checkpoint, a torchvision ssd300_vgg16 state "
-                                     "dict nor VGG16 ImageNet weights")
-        if not is_torchvision_ssd300(raw):
-            load_vgg16_backbone(model, raw, origin)
+        if not isinstance(raw, dict) or not (is_torchvision_detector(raw) or "features.0.weight" in raw
+                                             or "31.weight" in raw or "features.0.0.weight" in raw):
+            raise WeightMappingError(f"{origin}: neither a multibox checkpoint, a torchvision ssd300_vgg16 or "
+                                     "ssdlite320_mobilenet_v3_large state dict nor ImageNet backbone weights")
+        if not is_torchvision_detector(raw):
+            load_backbone(model, raw, origin)
             return {"kept": [], "new": list(class_names[1:])}
-        if cfg.model.arch != "ssd300_vgg16":
-            raise WeightMappingError(f"{origin}: torchvision ssd300_vgg16 weights fit model.arch ssd300_vgg16 "
-                                     f"(--config ssd300-vgg16), not {cfg.model.arch}")
-        source_cfg, state = torchvision_ssd300_state_dict(as_state_dict(raw, origin), origin)
+        source_cfg, state = torchvision_detector_state_dict(as_state_dict(raw, origin), origin)
+        if source_cfg.model.arch != cfg.model.arch:
+            preset = source_cfg.model.arch.replace("_", "-")
+            raise WeightMappingError(f"{origin}: torchvision weights of model.arch {source_cfg.model.arch} "
+                                     f"(--config {preset}), and this run builds {cfg.model.arch}")
         source_classes = torchvision_coco_class_names(source_cfg.model.num_classes + 1)
     report = transfer_detector_weights(model, state, source_classes, class_names, origin)
     logger.info(f"fine-tuning from {origin}: backbone and box head kept; class rows kept for "
                 f"{len(report['kept'])} classes ({', '.join(report['kept']) or 'none'}) and the background; "
                 f"{len(report['new'])} new, initialised fresh ({', '.join(report['new']) or 'none'})")
     return report
+
+
+def is_torchvision_detector(raw: dict) -> bool:
+    return is_torchvision_ssd300(raw) or is_torchvision_ssdlite(raw)
 
 
 def _checkpoint_weights(payload: dict[str, Any], cfg: Config, origin: str) -> tuple[dict, list[str]]:

@@ -1,5 +1,6 @@
-"""torchvision's ``ssd300_vgg16`` weights as a multibox checkpoint of the ``ssd300-vgg16`` preset, the same function
-(SPEC §3), without downloading anything: :func:`import_torchvision_ssd300`.
+"""torchvision's ``ssd300_vgg16`` and ``ssdlite320_mobilenet_v3_large`` weights as multibox checkpoints of the
+``ssd300-vgg16`` and ``ssdlite320-mobilenet-v3`` presets, the same functions (SPEC §1, §3), without downloading
+anything: :func:`import_torchvision` recognises which of the two a state dict holds.
 
 Every parameter is mapped by name and shape; parameters the source lacks, source entries nothing uses and shape
 mismatches fail loudly, listing them (:func:`multibox.models.weights.remap_state_dict`).
@@ -16,8 +17,9 @@ from multibox.models import model_skeleton
 from multibox.models.weights import (WeightMappingError, remap_state_dict, torch_load_state_dict, vgg16_feature_indices,
                                      vgg16_trunk_names)
 
-__all__ = ["import_torchvision_ssd300", "is_torchvision_ssd300", "torchvision_coco_class_names",
-           "torchvision_ssd300_pairs", "torchvision_ssd300_state_dict"]
+__all__ = ["import_torchvision", "import_torchvision_ssd300", "is_torchvision_ssd300", "is_torchvision_ssdlite",
+           "torchvision_coco_class_names", "torchvision_detector_state_dict", "torchvision_ssd300_pairs",
+           "torchvision_ssd300_state_dict", "torchvision_ssdlite_pairs", "torchvision_ssdlite_state_dict"]
 
 
 POOL4_INDEX = vgg16_feature_indices()[9] + 2     # the max-pool after conv4_3 in vgg16().features (23)
@@ -83,6 +85,81 @@ def torchvision_ssd300_state_dict(source: Mapping[str, Tensor], origin: str) -> 
     return cfg, model.state_dict()
 
 
+SSDLITE_CLASS_KEY = "head.classification_head.module_list.0.1.weight"   # (6·(1 + C), 672, 1, 1): the 1x1 conv
+SSDLITE_EXTRA_KEY = "backbone.extra.0.0.0.weight"
+REDUCED_TAIL_CHANNELS = 480
+
+
+def is_torchvision_ssdlite(source: Mapping[str, Any]) -> bool:
+    """Whether a state dict looks like torchvision's ``ssdlite320_mobilenet_v3_large`` (its split MobileNetV3 trunk,
+    extra levels and SSDLite head names)."""
+    return SSDLITE_CLASS_KEY in source and SSDLITE_EXTRA_KEY in source
+
+
+def torchvision_ssdlite_pairs(target_names: list[str], num_levels: int = 6) -> list[tuple[str, str]]:
+    """(our name, torchvision name) for every entry of ``ssdlite320_mobilenet_v3_large``: the backbone has
+    torchvision's names (``backbone.features.*``, ``backbone.extra.*``); each head level is torchvision's
+    ``module_list.K`` = Sequential(Conv2dNormActivation(depthwise, BN, ReLU6), 1x1 conv), ours the flat
+    Sequential(depthwise, BN, ReLU6, 1x1): ``.0.0`` -> ``.0``, ``.0.1`` -> ``.1``, ``.1`` -> ``.3``."""
+    pairs = [(name, name) for name in target_names if name.startswith("backbone.")]
+    for level in range(num_levels):
+        for ours, theirs in (("loc_heads", "head.regression_head"), ("cls_heads", "head.classification_head")):
+            src = f"{theirs}.module_list.{level}"
+            pairs.append((f"{ours}.{level}.0.weight", f"{src}.0.0.weight"))
+            pairs += [(f"{ours}.{level}.1.{p}", f"{src}.0.1.{p}")
+                      for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+            pairs += [(f"{ours}.{level}.3.{p}", f"{src}.1.{p}") for p in ("weight", "bias")]
+    return pairs
+
+
+def torchvision_ssdlite_state_dict(source: Mapping[str, Tensor], origin: str) -> tuple[Config, dict[str, Tensor]]:
+    """A torchvision ``ssdlite320_mobilenet_v3_large`` state dict in multibox's layout: (the
+    ``ssdlite320-mobilenet-v3`` config with the source's class count, read from its first class head, and its
+    tail — reduced for the COCO model, full when trained from ImageNet weights — and the state dict)."""
+    if not is_torchvision_ssdlite(source):
+        raise WeightMappingError(f"{origin}: not a torchvision ssdlite320_mobilenet_v3_large state dict")
+    anchors_level0 = 6
+    with_background = source[SSDLITE_CLASS_KEY].shape[0] // anchors_level0
+    # The first extra level reads the trunk's last layer: 480 channels with the reduced tail, 960 with the full one.
+    reduced = source[SSDLITE_EXTRA_KEY].shape[1] == REDUCED_TAIL_CHANNELS
+    cfg = load_config("ssdlite320-mobilenet-v3", [f"model.num_classes={with_background - 1}",
+                                                  f"model.reduced_tail={str(reduced).lower()}"])
+    model = model_skeleton(cfg)
+    target = model.state_dict()
+    state = remap_state_dict(source, torchvision_ssdlite_pairs(list(target)), target,
+                             f"torchvision ssdlite320_mobilenet_v3_large state dict {origin}")
+    model.load_state_dict(state, assign=True)
+    return cfg, model.state_dict()
+
+
+def torchvision_detector_state_dict(source: Mapping[str, Tensor], origin: str) -> tuple[Config, dict[str, Tensor]]:
+    """:func:`torchvision_ssd300_state_dict` or :func:`torchvision_ssdlite_state_dict`, whichever network the
+    state dict holds (recognised by its names); anything else is a WeightMappingError."""
+    if is_torchvision_ssdlite(source):
+        return torchvision_ssdlite_state_dict(source, origin)
+    if is_torchvision_ssd300(source):
+        return torchvision_ssd300_state_dict(source, origin)
+    raise WeightMappingError(f"{origin}: neither torchvision's ssd300_vgg16 nor its ssdlite320_mobilenet_v3_large "
+                             f"(no {CLASS_HEAD_KEY!r} or {SSDLITE_CLASS_KEY!r})")
+
+
+def import_torchvision(state_dict_path: str | Path) -> dict[str, Any]:
+    """A torchvision ``ssd300_vgg16`` or ``ssdlite320_mobilenet_v3_large`` state dict -> checkpoint payload of the
+    ``ssd300-vgg16`` or ``ssdlite320-mobilenet-v3`` preset (recognised from the names; see
+    :func:`import_torchvision_ssd300` for what the payload holds)."""
+    cfg, state = torchvision_detector_state_dict(torch_load_state_dict(state_dict_path), str(state_dict_path))
+    return _payload(cfg, state, state_dict_path)
+
+
+def _payload(cfg: Config, state: dict[str, Tensor], path: str | Path) -> dict[str, Any]:
+    with_background = cfg.model.num_classes + 1
+    return {"model": state, "config": cfg.to_dict(),
+            "class_names": torchvision_coco_class_names(with_background),
+            # torchvision's label is the COCO category id (91 slots, "N/A" gaps kept): label i -> id i
+            "category_ids": list(range(1, with_background)),
+            "imported_from": f"torchvision:{Path(path).name}"}
+
+
 def import_torchvision_ssd300(state_dict_path: str | Path) -> dict[str, Any]:
     """A torchvision ``ssd300_vgg16`` state dict -> checkpoint payload of the ``ssd300-vgg16`` preset.
 
@@ -98,9 +175,4 @@ def import_torchvision_ssd300(state_dict_path: str | Path) -> dict[str, Any]:
         save it with :func:`multibox.checkpoint.save_checkpoint`.
     """
     cfg, state = torchvision_ssd300_state_dict(torch_load_state_dict(state_dict_path), str(state_dict_path))
-    with_background = cfg.model.num_classes + 1
-    return {"model": state, "config": cfg.to_dict(),
-            "class_names": torchvision_coco_class_names(with_background),
-            # torchvision's label is the COCO category id (91 slots, "N/A" gaps kept): label i -> id i
-            "category_ids": list(range(1, with_background)),
-            "imported_from": f"torchvision:{Path(state_dict_path).name}"}
+    return _payload(cfg, state, state_dict_path)

@@ -7,10 +7,15 @@ from torch import nn
 from multibox.config import Config
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
 from multibox.models.ssd import SSD
+from multibox.models.fpn import FPN_TRUNKS, build_fpn_backbone
+from multibox.models.shared_head import WeightSharedHead
+from multibox.models.mobilenet_v2 import SSDMobileNetV2Backbone
+from multibox.models.mobilenet_v3 import SSDLiteMobileNetV3Backbone, init_normal
 from multibox.models.tiny import TinyBackbone
-from multibox.models.published import check_fits, resolve_weights, trainable_backbone_stages
+from multibox.models.published import (check_fits, mobilenet_v3_reduced_tail, resolve_weights,
+                                       trainable_backbone_stages)
 from multibox.models.vgg import PaperVGG16Backbone, TutorialVGG16Backbone, freeze_vgg16_stages, init_paper_ssd
-from multibox.models.weights import load_vgg16_backbone
+from multibox.models.weights import load_backbone
 
 
 # The paper's VGG16 trunks: arch name -> SSD512's extra level (see PaperVGG16Backbone).
@@ -22,10 +27,28 @@ def build_backbone(cfg: Config) -> nn.Module:
     if arch == "tiny":
         return TinyBackbone(cfg.model.widths)
     if arch == "ssd300_vgg16_seed":
-        return TutorialVGG16Backbone(cfg.model.dropout)
+        return TutorialVGG16Backbone(cfg.model.dropout, relu=cfg.model.vgg_relu, batch_norm=cfg.model.vgg_bn)
     if arch in PAPER_ARCHS:
         return PaperVGG16Backbone(highres=PAPER_ARCHS[arch])
+    if arch == "ssdlite320_mobilenet_v3":
+        return SSDLiteMobileNetV3Backbone(reduced_tail=mobilenet_v3_reduced_tail(cfg))
+    if arch == "ssd300_mobilenet_v2":
+        return SSDMobileNetV2Backbone()
+    if arch in FPN_TRUNKS:
+        return build_fpn_backbone(arch)
     raise ValueError(f"unknown model.arch {arch!r}")
+
+
+def build_head(cfg: Config, feature_channels: list[int], boxes_per_location: list[int]) -> str | nn.Module:
+    """``model.head``: a per-level head's name for :class:`SSD`, or for ``shared`` the weight-shared towers
+    (:class:`WeightSharedHead`, ``model.head_layers`` deep), which need equal channels and boxes on every level."""
+    if cfg.model.head != "shared":
+        return cfg.model.head
+    if len(set(feature_channels)) != 1 or len(set(boxes_per_location)) != 1:
+        raise ValueError(f"model.head shared needs the same channels and boxes per location on every level, got "
+                         f"{feature_channels} and {boxes_per_location}")
+    return WeightSharedHead(feature_channels[0], len(feature_channels), boxes_per_location[0],
+                            cfg.model.num_classes + 1, cfg.model.head_layers)
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
@@ -60,16 +83,19 @@ def build_model(cfg: Config, load_backbone_weights: bool = False) -> SSD:
         raise ValueError(f"{cfg.model.arch} gives {len(backbone.out_channels)} feature maps, "
                          f"anchors.feature_sizes has {len(spec.feature_sizes)}")
     model = SSD(backbone, backbone.out_channels, spec.boxes_per_location(), cfg.model.num_classes,
-                default_boxes_cxcywh(spec), head=cfg.model.head)
+                default_boxes_cxcywh(spec),
+                head=build_head(cfg, backbone.out_channels, spec.boxes_per_location()))
     if cfg.model.init == "xavier":
         init_paper_ssd(model)
+    elif cfg.model.init == "normal":
+        init_normal(model)
     else:
         init_weights(model, cfg.model.init)
     if cfg.model.class_prior is not None:
         model.init_class_prior(cfg.model.class_prior)
     if cfg.model.backbone_weights and load_backbone_weights and not cfg.model.from_scratch:
         check_fits(cfg.model.backbone_weights, cfg.model.arch, "model.backbone_weights")
-        load_vgg16_backbone(model, resolve_weights(cfg.model.backbone_weights, "model.backbone_weights"))
+        load_backbone(model, resolve_weights(cfg.model.backbone_weights, "model.backbone_weights"))
     return model
 
 

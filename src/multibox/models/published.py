@@ -24,8 +24,8 @@ from multibox.errors import MultiboxError
 from multibox.io import atomic_path, file_sha256
 
 __all__ = ["PUBLISHED", "InitialWeights", "Published", "WeightsUnavailableError", "cache_path", "check_fits",
-           "plan_initial_weights", "resolve_weights", "settle_backbone_stages", "starts_pretrained",
-           "trainable_backbone_stages"]
+           "loads_backbone_weights", "mobilenet_v3_reduced_tail", "plan_initial_weights", "resolve_weights",
+           "settle_backbone_stages", "starts_pretrained", "trainable_backbone_stages"]
 
 logger = logging.getLogger("multibox.models")
 
@@ -33,6 +33,7 @@ logger = logging.getLogger("multibox.models")
 # the start of the file's sha256.
 HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
 VGG16_STAGES = 5
+VGG16_ARCHS = ("ssd300_vgg16_seed", "ssd300_vgg16", "ssd512_vgg16")   # the archs with VGG16's five stages
 
 
 class WeightsUnavailableError(MultiboxError, FileNotFoundError):
@@ -53,6 +54,7 @@ class Published:
     kind: str
     presets: tuple[str, ...]
     enum: str
+    required: bool = True   # backbone weights: the presets refuse to train from random weights without them
 
     @property
     def archs(self) -> tuple[str, ...]:
@@ -84,8 +86,9 @@ PUBLISHED: dict[str, Published] = {p.name: p for p in (
               "torchvision.models.detection:SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"),
     Published("vgg16_features", "backbone", ("ssd300-vgg16", "ssd512-vgg16"),
               "torchvision.models:VGG16_Weights.IMAGENET1K_FEATURES"),
+    # torchvision's SSDLite recipe trains from random weights (660 epochs); ImageNet weights are an option.
     Published("mobilenet_v3_large", "backbone", ("ssdlite320-mobilenet-v3",),
-              "torchvision.models:MobileNet_V3_Large_Weights.IMAGENET1K_V1"),
+              "torchvision.models:MobileNet_V3_Large_Weights.IMAGENET1K_V1", required=False),
 )}
 
 
@@ -188,11 +191,30 @@ def trainable_backbone_stages(cfg: Config) -> int:
     return stages
 
 
+def loads_backbone_weights(cfg: Config) -> bool:
+    """Whether a new run of ``cfg`` initialises its trunk from ImageNet weights (``model.backbone_weights``, or
+    ``--weights`` naming published backbone weights), from the config alone."""
+    m = cfg.model
+    if m.from_scratch:
+        return False
+    published = PUBLISHED.get(m.weights or "")
+    return bool(m.backbone_weights) or (published is not None and published.kind == "backbone")
+
+
+def mobilenet_v3_reduced_tail(cfg: Config) -> bool:
+    """``model.reduced_tail``, or torchvision's rule when null: the last stage is halved unless ImageNet weights
+    initialise the trunk (``reduce_tail = weights_backbone is None`` in ``ssdlite320_mobilenet_v3_large``; its
+    published COCO model has the reduced tail)."""
+    if cfg.model.reduced_tail is not None:
+        return bool(cfg.model.reduced_tail)
+    return not loads_backbone_weights(cfg)
+
+
 def settle_backbone_stages(cfg: Config, resumed: bool) -> None:
     """Write the VGG16 stages that train into ``cfg.model.trainable_backbone_layers`` (a run's config.yaml then
     says them, and a resume freezes what the run froze). A resumed run whose config leaves them null is older than
-    frozen stages: it trained all five."""
-    if cfg.model.trainable_backbone_layers is None:
+    frozen stages: it trained all five. Other trunks have no VGG16 stages: their config is left as it is."""
+    if cfg.model.arch in VGG16_ARCHS and cfg.model.trainable_backbone_layers is None:
         cfg.model.trainable_backbone_layers = VGG16_STAGES if resumed else trainable_backbone_stages(cfg)
 
 
@@ -226,7 +248,7 @@ def plan_initial_weights(cfg: Config) -> InitialWeights:
         check_fits(backbone, m.arch, "model.backbone_weights")
         return InitialWeights(backbone=resolve_weights(backbone, "model.backbone_weights", SCRATCH_FIX),
                               backbone_source=backbone)
-    wanted = [p.name for p in PUBLISHED.values() if p.kind == "backbone" and m.arch in p.archs]
+    wanted = [p.name for p in PUBLISHED.values() if p.kind == "backbone" and p.required and m.arch in p.archs]
     if wanted:
         raise ConfigError(f"model.arch {m.arch} trains from ImageNet weights, and none are set: "
                           f"--set model.backbone_weights={wanted[0]} (or a file), --weights NAME|FILE, "

@@ -47,18 +47,24 @@ class SSD(nn.Module):
         boxes_per_location: default boxes per location on each map.
         num_classes: object classes, background excluded (the cls heads predict 1 + num_classes values).
         anchors_cxcywh: (A, 4) default boxes normalised to [0, 1], kept as a buffer so they follow ``.to(device)``.
-        head: "conv" or "separable".
+        head: "conv" or "separable" (one loc and one cls head per level: ``loc_heads.K``, ``cls_heads.K``), or a
+            module mapping the K feature maps to K loc maps (N, k_i·4, H_i, W_i) and K cls maps (N, k_i·(1 + C),
+            H_i, W_i) with a ``cls_predictor`` conv, kept as ``head`` (the weight-shared towers of
+            :class:`multibox.models.shared_head.WeightSharedHead`; ``loc_heads`` / ``cls_heads`` are then empty).
     """
 
     def __init__(self, backbone: nn.Module, feature_channels: Sequence[int], boxes_per_location: Sequence[int],
-                 num_classes: int, anchors_cxcywh: Tensor, head: str = "conv"):
+                 num_classes: int, anchors_cxcywh: Tensor, head: str | nn.Module = "conv"):
         super().__init__()
-        make_head = HEADS[head]
         self.backbone = backbone
         self.num_classes = num_classes
-        self.loc_heads = nn.ModuleList(make_head(c, k * 4) for c, k in zip(feature_channels, boxes_per_location))
+        self.head = head if isinstance(head, nn.Module) else None
+        make_head = None if self.head is not None else HEADS[head]
+        self.loc_heads = nn.ModuleList(
+            () if make_head is None else (make_head(c, k * 4) for c, k in zip(feature_channels, boxes_per_location)))
         self.cls_heads = nn.ModuleList(
-            make_head(c, k * (num_classes + 1)) for c, k in zip(feature_channels, boxes_per_location))
+            () if make_head is None else
+            (make_head(c, k * (num_classes + 1)) for c, k in zip(feature_channels, boxes_per_location)))
         # Not persistent: anchors derive from the config, so state dicts hold learned weights only.
         self.register_buffer("anchors_cxcywh", anchors_cxcywh, persistent=False)
 
@@ -67,8 +73,7 @@ class SSD(nn.Module):
         """Start every anchor at background probability 1 - ``prior`` and object probabilities ``prior`` under
         sigmoid scores (Lin et al. 2017, §4.1), so the first steps are not spent silencing 8732·(1 + C) logits."""
         logit = math.log((1 - prior) / prior)
-        for head in self.cls_heads:
-            last = head[-1] if isinstance(head, nn.Sequential) else head
+        for last in self.class_layers():
             bias = last.bias.view(-1, self.num_classes + 1)
             bias[:, 0] = logit
             bias[:, 1:] = -logit
@@ -76,6 +81,16 @@ class SSD(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(N, 3, S, S) normalised images -> loc (N, A, 4) offsets and cls (N, A, 1 + C) logits."""
         features = self.backbone(images)
-        loc = flatten_levels([h(f) for h, f in zip(self.loc_heads, features)], 4)
-        cls = flatten_levels([h(f) for h, f in zip(self.cls_heads, features)], self.num_classes + 1)
-        return loc, cls
+        if self.head is not None:
+            loc_maps, cls_maps = self.head(features)
+        else:
+            loc_maps = [h(f) for h, f in zip(self.loc_heads, features)]
+            cls_maps = [h(f) for h, f in zip(self.cls_heads, features)]
+        return flatten_levels(loc_maps, 4), flatten_levels(cls_maps, self.num_classes + 1)
+
+    def class_layers(self) -> list[nn.Conv2d]:
+        """The convolutions whose k·(1 + C) output channels are class logits (anchor-major): the last layer of each
+        level's cls head, or the one predictor a weight-shared head applies to every level."""
+        if self.head is not None:
+            return [self.head.cls_predictor]
+        return [head[-1] if isinstance(head, nn.Sequential) else head for head in self.cls_heads]

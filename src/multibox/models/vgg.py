@@ -8,28 +8,47 @@ from torch import Tensor, nn
 VGG16_BLOCKS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
 
-def vgg_block(in_channels: int, widths: tuple[int, ...], bias: bool) -> nn.Sequential:
+def vgg_block(in_channels: int, widths: tuple[int, ...], bias: bool, relu: bool = True,
+              batch_norm: bool = False) -> nn.Sequential:
+    """One VGG16 stage: per width a 3x3 convolution (padding 1), then BatchNorm if ``batch_norm`` (eps 1e-5,
+    PyTorch momentum 0.1: MindSpore's defaults, momentum 0.9, as the model zoo's ``ssd_vgg_bn``), then ReLU, or
+    ``nn.Identity`` without ``relu`` (the tutorial's ``_make_layer``), which keeps the convolutions at indices
+    0, 2, 4 (0, 3, 6 with BatchNorm) whether or not there is an activation.
+
+    (N, in_channels, H, W) -> (N, widths[-1], H, W)."""
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(in_channels, width, 3, padding=1, bias=bias), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(in_channels, width, 3, padding=1, bias=bias))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(width))
+        layers.append(nn.ReLU(inplace=True) if relu else nn.Identity())
         in_channels = width
     return nn.Sequential(*layers)
 
 
-def vgg16_blocks(bias: bool) -> nn.ModuleList:
-    """VGG16's five convolution blocks (13 3x3 convolutions, each followed by ReLU), without the pools."""
+def vgg16_blocks(bias: bool, relu: bool = True, batch_norm: bool = False) -> nn.ModuleList:
+    """VGG16's five convolution blocks (13 3x3 convolutions, each followed by ReLU unless ``relu`` is false, with
+    BatchNorm in between if ``batch_norm``; see :func:`vgg_block`), without the pools."""
     blocks, in_channels = [], 3
     for widths in VGG16_BLOCKS:
-        blocks.append(vgg_block(in_channels, widths, bias=bias))
+        blocks.append(vgg_block(in_channels, widths, bias=bias, relu=relu, batch_norm=batch_norm))
         in_channels = widths[-1]
     return nn.ModuleList(blocks)
 
 
 class TutorialVGG16Backbone(nn.Module):
-    """The tutorial's SSD300 trunk, layer for layer (SPEC §2).
+    """The MindSpore SSD300-VGG16 trunk, layer for layer: the tutorial's (SPEC §2) and the model zoo's
+    (``official/cv/ssd``, ``src/vgg16.py`` and ``SSD300VGG16`` in ``src/ssd.py``), which differ only in the VGG
+    stages.
 
-    MindSpore's ``nn.Conv2d`` has no bias by default, and the tutorial puts no activation after fc6, fc7 or the
-    extra layers; both are kept for fidelity (the paper preset fixes them). 2x2 'SAME' max-pools are
+    - ``relu=False``: the tutorial's text: its ``_make_layer`` stacks the 3x3 convolutions with no activation at
+      all (VGG16 is then linear up to the max-pools). Convolutions at ``blocks.B.{0, 2, 4}`` (an identity between).
+    - ``relu=True``: the model zoo's ``_make_layer``: a ReLU cell after each convolution.
+    - ``batch_norm=True``: the zoo's ``ssd_vgg_bn`` option: conv -> BatchNorm2d (MindSpore's defaults) -> ReLU;
+      convolutions at ``blocks.B.{0, 3, 6}``, BatchNorms at ``blocks.B.{1, 4, 7}``.
+
+    In both sources MindSpore's ``nn.Conv2d`` has no bias by default, and there is no activation after fc6, fc7 or
+    the extra layers; both are kept for fidelity (the paper preset fixes them). 2x2 'SAME' max-pools are
     ``ceil_mode=True`` here (300 -> 150 -> 75 -> 38 -> 19).
 
     Feature maps: (N, 512, 38, 38), (N, 1024, 19, 19), (N, 512, 10, 10), (N, 256, 5, 5), (N, 256, 3, 3),
@@ -38,9 +57,9 @@ class TutorialVGG16Backbone(nn.Module):
 
     out_channels = (512, 1024, 512, 256, 256, 256)
 
-    def __init__(self, dropout: float = 0.5):
+    def __init__(self, dropout: float = 0.5, relu: bool = True, batch_norm: bool = False):
         super().__init__()
-        self.blocks = vgg16_blocks(bias=False)
+        self.blocks = vgg16_blocks(bias=False, relu=relu, batch_norm=batch_norm)
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
         self.pool5 = nn.MaxPool2d(3, 1, padding=1)
         self.fc6 = nn.Conv2d(512, 1024, 3, padding=6, dilation=6, bias=False)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from multibox.errors import MultiboxError
+from multibox.models.mobilenet_v3 import SSDLiteMobileNetV3Backbone
 from multibox.models.vgg import VGG16_BLOCKS, PaperVGG16Backbone
 
 logger = logging.getLogger("multibox.models")
@@ -196,6 +197,60 @@ def load_vgg16_backbone(model: nn.Module, source: str | Path | Mapping[str, Tens
     return {"format": fmt, "fc6_fc7": fc6_fc7, "tensors": len(state)}
 
 
+def load_backbone(model: nn.Module, source: str | Path | Mapping[str, Tensor], origin: str | None = None
+                  ) -> dict[str, Any]:
+    """ImageNet weights into the trunk of ``model``'s backbone: :func:`load_mobilenet_v3_backbone` for SSDLite,
+    :func:`load_vgg16_backbone` otherwise (which refuses backbones without VGG16)."""
+    if isinstance(getattr(model, "backbone", model), SSDLiteMobileNetV3Backbone):
+        return load_mobilenet_v3_backbone(model, source, origin)
+    return load_vgg16_backbone(model, source, origin)
+
+
+def mobilenet_v3_pairs(names: Iterable[str], c4: int) -> list[tuple[str, str]]:
+    """(our name, torchvision ``mobilenet_v3_large`` name) for the trunk entries of SSDLite's backbone, which
+    splits torchvision's ``features`` at block ``c4``: ``features.0.{i}`` = ``features.{i}`` for i < c4,
+    ``features.0.{c4}`` = ``features.{c4}.block.0`` (the expansion layer), ``features.1.0.{j}`` =
+    ``features.{c4}.block.{j}`` for j >= 1 (a slice of a Sequential keeps its keys), ``features.1.{i}`` =
+    ``features.{c4 + i}`` for i >= 1."""
+    pairs = []
+    for name in names:
+        part, index, rest = name.split(".", 3)[1:]
+        index = int(index)
+        if part == "0":
+            theirs = f"features.{index}.{rest}" if index < c4 else f"features.{c4}.block.0.{rest}"
+        elif index == 0:
+            theirs = f"features.{c4}.block.{rest}"
+        else:
+            theirs = f"features.{c4 + index}.{rest}"
+        pairs.append((name, theirs))
+    return pairs
+
+
+def load_mobilenet_v3_backbone(model: nn.Module, source: str | Path | Mapping[str, Tensor],
+                               origin: str | None = None) -> dict[str, Any]:
+    """torchvision's ImageNet ``mobilenet_v3_large`` weights (``features.*``; the classifier is not used) into the
+    trunk of SSDLite's backbone (:class:`~multibox.models.mobilenet_v3.SSDLiteMobileNetV3Backbone`, built with the
+    full tail: ``model.reduced_tail`` false). The extra levels and heads keep their initialisation, as in
+    torchvision's ``ssdlite320_mobilenet_v3_large(weights_backbone=...)``."""
+    backbone = getattr(model, "backbone", model)
+    origin = origin or str(source)
+    source = torch_load_state_dict(source) if isinstance(source, (str, Path)) else as_state_dict(source, origin)
+    if "features.0.0.weight" not in source:
+        raise WeightMappingError(f"{origin}: not a torchvision mobilenet_v3_large state dict (no features.0.0.weight)")
+    last = max(int(k.split(".")[1]) for k in source if k.startswith("features."))
+    if source[f"features.{last}.0.weight"].shape[0] != backbone.out_channels[1]:
+        raise WeightMappingError(f"{origin}: a MobileNetV3 with a {source[f'features.{last}.0.weight'].shape[0]}-"
+                                 f"channel tail, and this backbone's has {backbone.out_channels[1]}: ImageNet "
+                                 "weights need the full tail (model.reduced_tail: false, or null with them set)")
+    target = {k: v for k, v in backbone.state_dict().items() if k.startswith("features.")}
+    pairs = mobilenet_v3_pairs(target, len(backbone.features[0]) - 1)
+    trunk_source = {k: v for k, v in source.items() if k.startswith("features.")}
+    state = remap_state_dict(trunk_source, pairs, target, f"MobileNetV3 weights {origin}")
+    backbone.load_state_dict(state, strict=False)   # the trunk; extras keep their initialisation
+    logger.info(f"MobileNetV3-Large ImageNet weights from {origin}: {len(state)} trunk tensors")
+    return {"format": "torchvision_mobilenet_v3_large", "tensors": len(state)}
+
+
 def _torchvision_vgg16_pairs(source: Mapping[str, Tensor], trunk: list[str], origin: str
                              ) -> tuple[list[tuple[str, str]], dict[str, Tensor], str]:
     """(pairs, the source to map, fc6_fc7) for a torchvision ``vgg16`` state dict: the trunk from ``features``,
@@ -218,9 +273,12 @@ def _torchvision_vgg16_pairs(source: Mapping[str, Tensor], trunk: list[str], ori
 
 
 def class_row_layers(model: nn.Module) -> dict[str, int]:
-    """The class convolution of each level of an SSD (the last layer of ``cls_heads[i]``): its state-dict prefix ->
-    anchors per location k. Its k·(1 + C) output channels are anchor-major: channel a·(1 + C) + c is class c
+    """The class convolution of each level of an SSD (the last layer of ``cls_heads[i]``, or a weight-shared head's
+    one ``head.cls_predictor``): its state-dict prefix -> anchors per location k. Its k·(1 + C) output channels are anchor-major: channel a·(1 + C) + c is class c
     (0 = background) of anchor a (see :func:`multibox.models.ssd.flatten_levels`)."""
+    if getattr(model, "head", None) is not None:    # a weight-shared head: one predictor for every level
+        predictor = model.head.cls_predictor
+        return {"head.cls_predictor": predictor.out_channels // (model.num_classes + 1)}
     layers = {}
     for level, head in enumerate(model.cls_heads):
         last, name = (head[-1], f"cls_heads.{level}.{len(head) - 1}") if isinstance(head, nn.Sequential) \

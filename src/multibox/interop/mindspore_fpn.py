@@ -1,0 +1,130 @@
+"""A ``mindspore.save_checkpoint`` file of the MindSpore model zoo's SSD-MobileNetV1-FPN or SSD-ResNet50-FPN
+(``SsdMobilenetV1Fpn`` / ``SsdResNet50Fpn``; mindspore-ai/mindspore, model_zoo/official/cv/ssd/src/ssd.py, fpn.py)
+as a multibox checkpoint of the ``ssd640-mobilenet-v1-fpn`` / ``ssd640-resnet50-fpn`` preset (one of
+:data:`multibox.interop.mindspore.MINDSPORE_NETWORKS`).
+
+Parameter names of the zoo networks (a checkpoint saved from its training wrapper prefixes them all with
+``network.``, which is accepted and stripped), next to ours:
+
+- ``feature_extractor.mobilenet_v1.network.{i}.{0: conv, 1: BN}`` / ``feature_extractor.resnet.*`` (the same
+  names below it): ``backbone.body.*``; ``feature_extractor.fpn.{lateral,fpn}_convs_list.*``: ``backbone.fpn.*``;
+  ``feature_extractor.bottom_up.blocks.{i}``: ``backbone.bottom_up.{i}``;
+- ``multi_box.addition_layer_{loc,cls}.{level}.{j}.features.0``: the tower convolution j, one Parameter shared by
+  every level, which MindSpore names after level 0 only: ``head.{loc,cls}_tower.{j}``;
+  ``....{level}.{j}.features.1``: that level's BatchNorm, ``head.{loc,cls}_norms.{level}.{j}``;
+- ``multi_box.{loc,cls}_layers.0``: the shared predictors, ``head.{loc,cls}_predictor``.
+
+BatchNorm's gamma, beta, moving_mean, moving_variance are PyTorch's weight, bias, running_mean, running_var.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from multibox.config import load_config
+from multibox.data.categories import category_ids_of
+from multibox.interop.mindspore import TUTORIAL_CLASS_NAMES, swap_yx_offsets
+from multibox.models import model_skeleton
+from multibox.models.weights import WeightMappingError, remap_state_dict
+
+__all__ = ["NETWORKS", "convert", "recognise", "zoo_fpn_pairs"]
+
+# preset -> the zoo's name of the trunk cell under feature_extractor, and a parameter only that trunk has.
+NETWORKS = {
+    "ssd640-mobilenet-v1-fpn": ("mobilenet_v1", "feature_extractor.mobilenet_v1.network.0.0.weight"),
+    "ssd640-resnet50-fpn": ("resnet", "feature_extractor.resnet.conv1.weight"),
+}
+_HEAD_MARK = "multi_box.addition_layer_loc.0.0.features.0.weight"
+TRAINING_PREFIX = "network."    # SSDWithLossCell.network: what a training checkpoint puts before every name
+_BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def _without_training_prefix(source: Mapping[str, Any], path: Path | None = None) -> dict[str, Any]:
+    """``network.multi_box...`` (a training wrapper's checkpoint) -> ``multi_box...``; other names unchanged."""
+    out: dict[str, Any] = {}
+    for name, value in source.items():
+        short = name[len(TRAINING_PREFIX):] if name.startswith(TRAINING_PREFIX) else name
+        if short in out:
+            raise WeightMappingError(f"{path or 'checkpoint'}: {short!r} appears with and without "
+                                     f"{TRAINING_PREFIX!r}")
+        out[short] = value
+    return out
+
+
+def _zoo_module_name(ours: str, trunk: str) -> str:
+    """Our module path -> the zoo cell's (see the module docstring)."""
+    rules = [(r"^backbone\.body\.", f"feature_extractor.{trunk}."),
+             (r"^backbone\.fpn\.", "feature_extractor.fpn."),
+             (r"^backbone\.bottom_up\.", "feature_extractor.bottom_up.blocks."),
+             (r"^head\.(loc|cls)_tower\.(\d+)$", r"multi_box.addition_layer_\1.0.\2.features.0"),
+             (r"^head\.(loc|cls)_norms\.(\d+)\.(\d+)$", r"multi_box.addition_layer_\1.\2.\3.features.1"),
+             (r"^head\.(loc|cls)_predictor$", r"multi_box.\1_layers.0")]
+    for pattern, replacement in rules:
+        name, n = re.subn(pattern, replacement, ours)
+        if n:
+            return name
+    raise WeightMappingError(f"internal mapping: no zoo name for module {ours!r}")
+
+
+def zoo_fpn_pairs(model: nn.Module, trunk: str) -> list[tuple[str, str]]:
+    """(our name, zoo name) for every parameter and BatchNorm statistic of ``model`` (an SSD of an FPN preset)."""
+    pairs = []
+    for module_name, module in model.named_modules():
+        leaves = [name for name, _ in module.named_parameters(recurse=False)]
+        if isinstance(module, nn.BatchNorm2d):
+            leaves += ["running_mean", "running_var"]
+        if not leaves:
+            continue
+        theirs = _zoo_module_name(module_name, trunk)
+        bn = isinstance(module, nn.BatchNorm2d)
+        pairs += [(f"{module_name}.{leaf}", f"{theirs}.{_BN_LEAVES[leaf] if bn else leaf}") for leaf in leaves]
+    return pairs
+
+
+def _preset_of(names: Mapping[str, Any]) -> str | None:
+    if _HEAD_MARK not in names:
+        return None
+    return next((preset for preset, (_, mark) in NETWORKS.items() if mark in names), None)
+
+
+def recognise(source: Mapping[str, np.ndarray]) -> bool:
+    """Whether ``source`` is (an attempt at) one of the zoo's SSD-FPN networks: the weight-shared head's first
+    loc tower convolution and the MobileNetV1 or ResNet50 trunk's stem, with or without the ``network.`` prefix."""
+    return _preset_of(_without_training_prefix({k: None for k in source})) is not None
+
+
+def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
+    """A checkpoint of the zoo's SSD-MobileNetV1-FPN or SSD-ResNet50-FPN -> checkpoint payload of the matching
+    preset (81 classes: the zoo's ``classes``, background then COCO's 80 names in id order, as the tutorial's).
+
+    Every parameter is mapped by name and shape (:func:`zoo_fpn_pairs`); missing or left-over entries are an
+    error. The zoo encodes boxes as (cy, cx, h, w) (box_utils.py ``ssd_bboxes_encode``), so its loc outputs are
+    (dy, dx, dh, dw) per anchor: the shared loc predictor's output channels are swapped (:func:`swap_yx_offsets`)
+    to our (dx, dy, dw, dh). Default boxes are the zoo's grid anchors in its order (the preset's anchors.sizes).
+    """
+    path = Path(path)
+    source = _without_training_prefix(source, path)
+    preset = _preset_of(source)
+    if preset is None:
+        raise WeightMappingError(f"{path}: not a MindSpore model-zoo SSD-FPN checkpoint")
+    cfg = load_config(preset)
+    model = model_skeleton(cfg)
+    predictor = source.get("multi_box.cls_layers.0.weight")
+    expected = model.head.cls_predictor.weight.shape[0]
+    if predictor is not None and predictor.shape[0] != expected:
+        raise WeightMappingError(f"{path}: its class predictor has {predictor.shape[0]} outputs; the zoo's COCO "
+                                 f"network ({preset}) has {expected} (6 boxes x 81 classes)")
+    target = model.state_dict()
+    derived = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in target.items() if k.endswith("num_batches_tracked")}
+    state = remap_state_dict(source, zoo_fpn_pairs(model, NETWORKS[preset][0]), target,
+                             f"MindSpore checkpoint {path}", derived=derived)
+    for p in ("weight", "bias"):
+        state[f"head.loc_predictor.{p}"] = swap_yx_offsets(state[f"head.loc_predictor.{p}"])
+    model.load_state_dict(state, assign=True)
+    return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
+            "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{path.name}"}
