@@ -340,9 +340,10 @@ def bench_train_e2e(preset: str, device: torch.device, batch: int, amp: torch.dt
 
 # ------------------------------------------------------------------------------------------------ infer_e2e
 
-def budget_hook(budget: int | None, activation: str, seed: int):
-    """A forward hook replacing class logits by fixed ones: background wins everywhere except ``budget`` random
-    (anchor, class) pairs per image, which score high. Applied identically to both systems."""
+def budget_hook(budget: int | None, activation: str, seed: int, num_anchors: int = 8732):
+    """A forward hook replacing class logits by fixed ones: background wins everywhere except about ``budget``
+    random (anchor, class) pairs per image, spread over the levels by their share of the ``num_anchors`` default
+    boxes, which score high. Applied identically to both systems."""
     cache: dict[tuple, Tensor] = {}
 
     def hook(module, inputs, output):
@@ -354,7 +355,7 @@ def budget_hook(budget: int | None, activation: str, seed: int):
             logits[..., 0] = 10.0
             g = torch.Generator().manual_seed(seed + h)
             flat = logits.view(n, -1)
-            per_level = max(1, budget * h * w * k // 8732)
+            per_level = max(1, budget * h * w * k // num_anchors)
             for i in range(n):
                 cells = torch.randint(0, h * w * k, (per_level,), generator=g)
                 classes = torch.randint(1, NUM_CLASSES + 1, (per_level,), generator=g)
@@ -381,7 +382,7 @@ def _detector(cfg: Config, device: torch.device, amp: torch.dtype | None, compil
 
 def _class_heads(detector) -> list[nn.Module]:
     model = getattr(detector.model, "_orig_mod", detector.model)
-    return [head[-1] if isinstance(head, nn.Sequential) else head for head in model.cls_heads]
+    return model.class_layers()
 
 
 def _paired_detectors(preset: str, device: torch.device, amp: torch.dtype | None, budget: int | None, arch: str,
@@ -393,11 +394,16 @@ def _paired_detectors(preset: str, device: torch.device, amp: torch.dtype | None
     if budget is not None:
         activation = detector.postprocess.score_activation
         for head in _class_heads(detector):
-            head.register_forward_hook(budget_hook(budget, activation, 0))
+            head.register_forward_hook(budget_hook(budget, activation, 0, len(detector.model.anchors_cxcywh)))
         for head in theirs.head.classification_head.module_list:
             last = head[-1] if isinstance(head, nn.Sequential) else head
-            last.register_forward_hook(budget_hook(budget, "softmax", 0))
+            last.register_forward_hook(budget_hook(budget, "softmax", 0, _torchvision_anchors(arch)))
     return detector, theirs
+
+
+def _torchvision_anchors(arch: str) -> int:
+    """Default boxes of :func:`torchvision_ssd`'s model for ``arch`` (SSDLite: 3234; SSD300 and tiny: 8732)."""
+    return 3234 if arch == "ssdlite320_mobilenet_v3" else 8732
 
 
 def _infer_row(name: str, batch: int, seconds: dict[str, float]) -> dict:

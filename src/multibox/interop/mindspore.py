@@ -189,11 +189,26 @@ VGG16_LAYOUTS: dict[str, tuple[int, bool]] = {"tutorial": (1, False), "zoo": (2,
 _ANCHOR_PRESETS = {(4, 6, 6, 6, 4, 4): "ssd300-vgg16-seed", (3, 6, 6, 6, 6, 6): "ssd300-vgg16-zoo"}
 
 
-def _batchnorm_pairs(ours: str, theirs: str) -> list[tuple[str, str]]:
-    """MindSpore's BatchNorm2d gamma, beta, moving_mean, moving_variance are PyTorch's weight, bias, running_mean,
-    running_var."""
-    return [(f"{ours}.weight", f"{theirs}.gamma"), (f"{ours}.bias", f"{theirs}.beta"),
-            (f"{ours}.running_mean", f"{theirs}.moving_mean"), (f"{ours}.running_var", f"{theirs}.moving_variance")]
+# MindSpore's BatchNorm2d gamma, beta, moving_mean, moving_variance are PyTorch's weight, bias, running_mean,
+# running_var.
+BATCHNORM_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def batchnorm_pairs(ours: str, theirs: str) -> list[tuple[str, str]]:
+    """(our name, MindSpore name) of one BatchNorm's four entries (:data:`BATCHNORM_LEAVES`)."""
+    return [(f"{ours}.{a}", f"{theirs}.{b}") for a, b in BATCHNORM_LEAVES.items()]
+
+
+def separable_head_pairs(num_levels: int) -> list[tuple[str, str]]:
+    """(our name, MindSpore name) of the tutorial's and the zoo's per-level heads ``multi_box.multi_{loc,cls}_layers.K``
+    (0: depthwise, 1: BatchNorm, 3: 1x1 conv with bias) as our separable ``loc_heads.K`` / ``cls_heads.K``."""
+    pairs = []
+    for ours, theirs in (("loc_heads", "multi_loc_layers"), ("cls_heads", "multi_cls_layers")):
+        for k in range(num_levels):
+            dst, src = f"{ours}.{k}", f"multi_box.{theirs}.{k}"
+            pairs += [(f"{dst}.0.weight", f"{src}.0.weight"), *batchnorm_pairs(f"{dst}.1", f"{src}.1"),
+                      (f"{dst}.3.weight", f"{src}.3.weight"), (f"{dst}.3.bias", f"{src}.3.bias")]
+    return pairs
 
 
 def mindspore_vgg16_pairs(layout: str = "tutorial", num_levels: int = 6) -> list[tuple[str, str]]:
@@ -211,16 +226,11 @@ def mindspore_vgg16_pairs(layout: str = "tutorial", num_levels: int = 6) -> list
             dst, src = f"backbone.blocks.{b}.{ours_step * j}", f"backbone.b{b + 1}.{cells * j}"
             pairs.append((f"{dst}.weight", f"{src}.weight"))
             if batch_norm:
-                pairs += _batchnorm_pairs(f"backbone.blocks.{b}.{ours_step * j + 1}",
+                pairs += batchnorm_pairs(f"backbone.blocks.{b}.{ours_step * j + 1}",
                                           f"backbone.b{b + 1}.{cells * j + 1}")
     pairs += [("backbone.fc6.weight", "b6_1.weight"), ("backbone.fc7.weight", "b7_1.weight")]
     pairs += [(f"backbone.extras.{e}.{c}.weight", f"b{e + 8}_{c + 1}.weight") for e in range(4) for c in range(2)]
-    for ours, theirs in (("loc_heads", "multi_loc_layers"), ("cls_heads", "multi_cls_layers")):
-        for k in range(num_levels):
-            dst, src = f"{ours}.{k}", f"multi_box.{theirs}.{k}"
-            pairs += [(f"{dst}.0.weight", f"{src}.0.weight"), *_batchnorm_pairs(f"{dst}.1", f"{src}.1"),
-                      (f"{dst}.3.weight", f"{src}.3.weight"), (f"{dst}.3.bias", f"{src}.3.bias")]
-    return pairs
+    return pairs + separable_head_pairs(num_levels)
 
 
 def tutorial_mindspore_pairs(num_levels: int = 6) -> list[tuple[str, str]]:
@@ -243,7 +253,7 @@ def _is_training_state(name: str) -> bool:
     return name in _TRAINING_STATE_NAMES or name.startswith(_TRAINING_STATE_PREFIXES)
 
 
-def _without_training_prefix(source: dict[str, Any]) -> dict[str, Any]:
+def without_training_prefix(source: dict[str, Any]) -> dict[str, Any]:
     """``source`` with the ``network.`` prefix of a training network's checkpoint removed, when every weight (each
     entry that is not training state) has it; otherwise ``source`` unchanged."""
     weights = [k for k in source if not _is_training_state(k)]
@@ -281,7 +291,7 @@ def import_mindspore_ckpt(path: str | Path, ignore_training_state: bool = False)
             default they are left-overs, and an error.
     """
     path = Path(path)
-    source = _without_training_prefix(read_mindspore_ckpt(path))
+    source = without_training_prefix(read_mindspore_ckpt(path))
     if ignore_training_state:
         source = {k: v for k, v in source.items() if not _is_training_state(k)}
     strings = {k for k, v in source.items() if isinstance(v, str)}

@@ -28,7 +28,8 @@ from torch import nn
 
 from multibox.config import load_config
 from multibox.data.categories import category_ids_of
-from multibox.interop.mindspore import TUTORIAL_CLASS_NAMES, swap_yx_offsets
+from multibox.interop.mindspore import (BATCHNORM_LEAVES, TUTORIAL_CLASS_NAMES, swap_yx_offsets,
+                                        without_training_prefix)
 from multibox.models import model_skeleton
 from multibox.models.weights import WeightMappingError, remap_state_dict
 
@@ -40,22 +41,6 @@ NETWORKS = {
     "ssd640-resnet50-fpn": ("resnet", "feature_extractor.resnet.conv1.weight"),
 }
 _HEAD_MARK = "multi_box.addition_layer_loc.0.0.features.0.weight"
-TRAINING_PREFIX = "network."    # SSDWithLossCell.network: what a training checkpoint puts before every name
-_BN_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
-
-
-def _without_training_prefix(source: Mapping[str, Any], path: Path | None = None) -> dict[str, Any]:
-    """``network.multi_box...`` (a training wrapper's checkpoint) -> ``multi_box...``; other names unchanged."""
-    out: dict[str, Any] = {}
-    for name, value in source.items():
-        short = name[len(TRAINING_PREFIX):] if name.startswith(TRAINING_PREFIX) else name
-        if short in out:
-            raise WeightMappingError(f"{path or 'checkpoint'}: {short!r} appears with and without "
-                                     f"{TRAINING_PREFIX!r}")
-        out[short] = value
-    return out
-
-
 def _zoo_module_name(ours: str, trunk: str) -> str:
     """Our module path -> the zoo cell's (see the module docstring)."""
     rules = [(r"^backbone\.body\.", f"feature_extractor.{trunk}."),
@@ -82,7 +67,7 @@ def zoo_fpn_pairs(model: nn.Module, trunk: str) -> list[tuple[str, str]]:
             continue
         theirs = _zoo_module_name(module_name, trunk)
         bn = isinstance(module, nn.BatchNorm2d)
-        pairs += [(f"{module_name}.{leaf}", f"{theirs}.{_BN_LEAVES[leaf] if bn else leaf}") for leaf in leaves]
+        pairs += [(f"{module_name}.{leaf}", f"{theirs}.{BATCHNORM_LEAVES[leaf] if bn else leaf}") for leaf in leaves]
     return pairs
 
 
@@ -95,7 +80,7 @@ def _preset_of(names: Mapping[str, Any]) -> str | None:
 def recognise(source: Mapping[str, np.ndarray]) -> bool:
     """Whether ``source`` is (an attempt at) one of the zoo's SSD-FPN networks: the weight-shared head's first
     loc tower convolution and the MobileNetV1 or ResNet50 trunk's stem, with or without the ``network.`` prefix."""
-    return _preset_of(_without_training_prefix({k: None for k in source})) is not None
+    return _preset_of(without_training_prefix({k: None for k in source})) is not None
 
 
 def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
@@ -108,7 +93,7 @@ def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
     to our (dx, dy, dw, dh). Default boxes are the zoo's grid anchors in its order (the preset's anchors.sizes).
     """
     path = Path(path)
-    source = _without_training_prefix(source, path)
+    source = without_training_prefix(source)
     preset = _preset_of(source)
     if preset is None:
         raise WeightMappingError(f"{path}: not a MindSpore model-zoo SSD-FPN checkpoint")

@@ -23,7 +23,8 @@ import torch
 
 from multibox.config import load_config
 from multibox.data.categories import category_ids_of
-from multibox.interop.mindspore import TUTORIAL_CLASS_NAMES, swap_yx_offsets
+from multibox.interop.mindspore import (TUTORIAL_CLASS_NAMES, batchnorm_pairs, separable_head_pairs,
+                                        swap_yx_offsets)
 from multibox.models import model_skeleton
 from multibox.models.mobilenet_v2 import EXTRAS, MOBILENET_V2_STAGES, SPLIT
 from multibox.models.weights import remap_state_dict
@@ -32,17 +33,11 @@ __all__ = ["PRESET", "convert", "recognise", "zoo_mobilenet_v2_pairs"]
 
 PRESET = "ssd300-mobilenet-v2"
 NUM_LEVELS = 6
-_BN_LEAVES = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"),
-              ("running_var", "moving_variance"))
-
-
-def _bn(ours: str, theirs: str) -> list[tuple[str, str]]:
-    return [(f"{ours}.{a}", f"{theirs}.{b}") for a, b in _BN_LEAVES]
 
 
 def _conv_bn_relu(ours: str, theirs: str) -> list[tuple[str, str]]:
     """Our ``conv_bn_relu6`` Sequential (0: conv, 1: BN) <- the zoo's ``ConvBNReLU`` (``.features.0/1``)."""
-    return [(f"{ours}.0.weight", f"{theirs}.features.0.weight")] + _bn(f"{ours}.1", f"{theirs}.features.1")
+    return [(f"{ours}.0.weight", f"{theirs}.features.0.weight")] + batchnorm_pairs(f"{ours}.1", f"{theirs}.features.1")
 
 
 def _inverted_residual(ours: str, theirs: str, expands: bool) -> list[tuple[str, str]]:
@@ -52,7 +47,7 @@ def _inverted_residual(ours: str, theirs: str, expands: bool) -> list[tuple[str,
         pairs += _conv_bn_relu(f"{ours}.conv.{j}", f"{theirs}.conv.{j}")
         j += 1
     pairs.append((f"{ours}.conv.{j}.weight", f"{theirs}.conv.{j}.weight"))
-    return pairs + _bn(f"{ours}.conv.{j + 1}", f"{theirs}.conv.{j + 1}")
+    return pairs + batchnorm_pairs(f"{ours}.conv.{j + 1}", f"{theirs}.conv.{j + 1}")
 
 
 def _trunk_name(index: int) -> str:
@@ -72,12 +67,7 @@ def zoo_mobilenet_v2_pairs(num_levels: int = NUM_LEVELS) -> list[tuple[str, str]
     pairs += _conv_bn_relu("backbone.expand_13", "backbone.expand_layer_conv_13")
     for e, (_, _, _, t) in enumerate(EXTRAS):
         pairs += _inverted_residual(f"backbone.extras.{e}", f"multi_residual.{e}", expands=t != 1)
-    for ours, theirs in (("loc_heads", "multi_loc_layers"), ("cls_heads", "multi_cls_layers")):
-        for k in range(num_levels):
-            dst, src = f"{ours}.{k}", f"multi_box.{theirs}.{k}"
-            pairs += [(f"{dst}.0.weight", f"{src}.0.weight"), *_bn(f"{dst}.1", f"{src}.1"),
-                      (f"{dst}.3.weight", f"{src}.3.weight"), (f"{dst}.3.bias", f"{src}.3.bias")]
-    return pairs
+    return pairs + separable_head_pairs(num_levels)
 
 
 def recognise(source: Mapping[str, np.ndarray]) -> bool:

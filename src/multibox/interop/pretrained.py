@@ -5,9 +5,9 @@ The files are resolved before any data is read (:func:`multibox.models.published
 are loaded into the model :func:`multibox.engine.fit` builds for the data's classes (:func:`prepare_for_training`).
 A detector brings its backbone and box (loc) head; of its class head the background row and the rows of the
 classes whose names match the run's are kept, the other rows keep the model's own initialisation
-(:func:`multibox.models.weights.transfer_detector_weights`). Detector files: a torchvision ``ssd300_vgg16`` or ``ssdlite320_mobilenet_v3_large`` state
-dict (``ssd300_vgg16_coco``; its classes are COCO's names as torchvision lists them) or a multibox checkpoint of the
-same arch (its ``class_names``).
+(:func:`multibox.models.weights.transfer_detector_weights`). Detector files: a torchvision ``ssd300_vgg16`` or
+``ssdlite320_mobilenet_v3_large`` state dict (``ssd300_vgg16_coco``, ``ssdlite320_mobilenet_v3_large_coco``; their
+classes are COCO's names as torchvision lists them) or a multibox checkpoint of the same arch (its ``class_names``).
 """
 from __future__ import annotations
 
