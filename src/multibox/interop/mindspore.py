@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from multibox.config import Config, load_config
 from multibox.data.categories import category_ids_of
@@ -303,6 +303,34 @@ def import_mindspore_ckpt(path: str | Path, ignore_training_state: bool = False)
             return network.convert(source, path)
     raise WeightMappingError(f"{path}: no known MindSpore network has these parameters "
                              f"({describe_names(source, limit=4)}); known: {', '.join(MINDSPORE_NETWORKS)}")
+
+
+# The model-zoo archs whose trunk an ImageNet MindSpore checkpoint initialises (model.backbone_weights: FILE.ckpt, as
+# the zoo's feature_extractor_base_param / pre_trained): arch -> module defining
+#   load_trunk(model: nn.Module, source: Mapping[str, np.ndarray], origin: str) -> dict   (what was loaded)
+MINDSPORE_BACKBONES: dict[str, str] = {
+    "ssd640_mobilenet_v1_fpn": "multibox.interop.mindspore_fpn",
+    "ssd640_resnet50_fpn": "multibox.interop.mindspore_fpn",
+    "ssd300_mobilenet_v2": "multibox.interop.mindspore_mobilenet_v2",
+}
+
+
+def is_mindspore_ckpt(path: str | Path) -> bool:
+    """Whether ``path`` names a MindSpore checkpoint (``.ckpt``, MindSpore's suffix) rather than a ``torch.save`` file."""
+    return Path(path).suffix == ".ckpt"
+
+
+def load_mindspore_backbone(model: nn.Module, arch: str, path: str | Path, origin: str | None = None) -> dict[str, Any]:
+    """ImageNet weights of a model-zoo trunk from a MindSpore checkpoint into ``model`` (an SSD of ``arch``): its
+    training-state entries and ``network.`` prefix are dropped, then the arch's importer of
+    :data:`MINDSPORE_BACKBONES` maps the trunk by name and shape (the rest keeps its initialisation)."""
+    origin = origin or str(path)
+    if arch not in MINDSPORE_BACKBONES:
+        raise WeightMappingError(f"{origin}: a MindSpore checkpoint initialises the trunk of "
+                                 f"{', '.join(sorted(MINDSPORE_BACKBONES)) or 'no arch'}, not of model.arch {arch}")
+    source = without_training_prefix(read_mindspore_ckpt(path))
+    source = {k: v for k, v in source.items() if not _is_training_state(k) and not isinstance(v, str)}
+    return importlib.import_module(MINDSPORE_BACKBONES[arch]).load_trunk(model, source, origin)
 
 
 def recognise(source: Mapping[str, np.ndarray]) -> bool:

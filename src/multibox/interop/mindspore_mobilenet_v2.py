@@ -12,24 +12,35 @@ Parameter names of the zoo network (a checkpoint of its training network has the
   ``backbone.extras``), ``multi_box.multi_{loc,cls}_layers.{k}.{0, 1, 3}`` (ours ``{loc,cls}_heads.{k}``).
 
 BatchNorm's gamma, beta, moving_mean, moving_variance are PyTorch's weight, bias, running_mean, running_var.
+
+:func:`load_trunk` (``model.backbone_weights: FILE.ckpt``, via
+:func:`~multibox.interop.mindspore.load_mindspore_backbone`) takes the ImageNet checkpoint of the zoo's own
+classifier instead, official/cv/mobilenetv2 (src/models.py ``define_net``: ``MobileNetV2Combine`` of
+``MobileNetV2Backbone`` and ``MobileNetV2Head``, built with ``auto_prefix=False``, so its entries are
+``features.{0..18}.*`` and the classifier's ``head.{1,2}.*``, or ``dense.*`` in mindspore-ai/models' copy).
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 
 from multibox.config import load_config
 from multibox.data.categories import category_ids_of
 from multibox.interop.mindspore import (TUTORIAL_CLASS_NAMES, batchnorm_pairs, separable_head_pairs,
                                         swap_yx_offsets)
 from multibox.models import model_skeleton
-from multibox.models.mobilenet_v2 import EXTRAS, MOBILENET_V2_STAGES, SPLIT
-from multibox.models.weights import remap_state_dict
+from multibox.models.mobilenet_v2 import EXTRAS, MOBILENET_V2_STAGES, SPLIT, SSDMobileNetV2Backbone
+from multibox.models.weights import WeightMappingError, describe_names, remap_state_dict
 
-__all__ = ["PRESET", "convert", "recognise", "zoo_mobilenet_v2_pairs"]
+__all__ = ["IMAGENET_CLASSIFIER_PREFIXES", "IMAGENET_TRUNK_PREFIXES", "PRESET", "convert",
+           "imagenet_mobilenet_v2_pairs", "load_trunk", "recognise", "zoo_mobilenet_v2_pairs"]
+
+logger = logging.getLogger("multibox.models")
 
 PRESET = "ssd300-mobilenet-v2"
 NUM_LEVELS = 6
@@ -55,15 +66,21 @@ def _trunk_name(index: int) -> str:
     return f"backbone.features_1.{index}" if index < SPLIT else f"backbone.features_2.{index - SPLIT}"
 
 
-def zoo_mobilenet_v2_pairs(num_levels: int = NUM_LEVELS) -> list[tuple[str, str]]:
-    """(our name, zoo name) for every parameter and BatchNorm statistic of the zoo's ``ssd300`` network."""
-    pairs = _conv_bn_relu("backbone.features.0", _trunk_name(0))
+def _mobilenet_v2_trunk_pairs(name_of: Callable[[int], str]) -> list[tuple[str, str]]:
+    """(our name, theirs) for MobileNetV2's 19 ``features`` (ours ``backbone.features.{i}``), theirs at
+    ``name_of(i)``: the stem and last ConvBNReLU, the 17 inverted residuals between (same inner indices)."""
+    pairs = _conv_bn_relu("backbone.features.0", name_of(0))
     index = 1
     for t, _, n, _ in MOBILENET_V2_STAGES:
         for _ in range(n):
-            pairs += _inverted_residual(f"backbone.features.{index}", _trunk_name(index), expands=t != 1)
+            pairs += _inverted_residual(f"backbone.features.{index}", name_of(index), expands=t != 1)
             index += 1
-    pairs += _conv_bn_relu(f"backbone.features.{index}", _trunk_name(index))
+    return pairs + _conv_bn_relu(f"backbone.features.{index}", name_of(index))
+
+
+def zoo_mobilenet_v2_pairs(num_levels: int = NUM_LEVELS) -> list[tuple[str, str]]:
+    """(our name, zoo name) for every parameter and BatchNorm statistic of the zoo's ``ssd300`` network."""
+    pairs = _mobilenet_v2_trunk_pairs(_trunk_name)
     pairs += _conv_bn_relu("backbone.expand_13", "backbone.expand_layer_conv_13")
     for e, (_, _, _, t) in enumerate(EXTRAS):
         pairs += _inverted_residual(f"backbone.extras.{e}", f"multi_residual.{e}", expands=t != 1)
@@ -99,3 +116,63 @@ def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
     model.load_state_dict(state, assign=True)
     return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
             "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{path.name}"}
+
+
+# Where an ImageNet checkpoint of the zoo's MobileNetV2 (official/cv/mobilenetv2/src/mobilenetV2.py) keeps
+# ``features[i]``: ``features.{i}`` from ``MobileNetV2Combine`` (define_net, mindspore_hub_conf.py; auto_prefix=False)
+# or ``MobileNetV2Backbone`` alone, which the SSD's init_params.py ``load_backbone_params`` reads (it turns
+# ``backbone.features_1.{i}`` into ``features.{i}`` and ``backbone.features_2.{i}`` into ``features.{i + 14}``);
+# ``backbone.{i}`` from the same file's ``MobileNetV2`` class, which holds the features cell as ``self.backbone``.
+IMAGENET_TRUNK_PREFIXES = ("features.", "backbone.")
+# The ImageNet classifier, which the SSD does not use: MobileNetV2Head's Dense, ``head.1`` (``head.2`` with dropout)
+# in mindspore-ai/mindspore's copy, ``dense`` in mindspore-ai/models'.
+IMAGENET_CLASSIFIER_PREFIXES = ("head.", "dense.")
+
+
+def imagenet_mobilenet_v2_pairs(prefix: str = "features.") -> list[tuple[str, str]]:
+    """(our name, checkpoint name) for MobileNetV2's trunk (ours ``backbone.features.{0..18}``, 260 entries with
+    BatchNorm statistics) in an ImageNet checkpoint whose ``features[i]`` is ``{prefix}{i}``
+    (:data:`IMAGENET_TRUNK_PREFIXES`)."""
+    return _mobilenet_v2_trunk_pairs(lambda index: f"{prefix}{index}")
+
+
+def _imagenet_prefix(source: Mapping[str, np.ndarray], origin: str) -> str:
+    """The :data:`IMAGENET_TRUNK_PREFIXES` entry under which ``source`` holds the stem convolution."""
+    for prefix in IMAGENET_TRUNK_PREFIXES:
+        if f"{prefix}0.features.0.weight" in source:
+            return prefix
+    if recognise(source):
+        raise WeightMappingError(f"{origin}: a checkpoint of the zoo's whole ssd300, not of its ImageNet MobileNetV2: "
+                                 "import it with `multibox import-weights --from mindspore` and start from the "
+                                 "result (--weights FILE.pt)")
+    stems = " or ".join(f"{p}0.features.0.weight" for p in IMAGENET_TRUNK_PREFIXES)
+    raise WeightMappingError(f"{origin}: not an ImageNet checkpoint of the MindSpore model zoo's MobileNetV2 (no stem "
+                             f"convolution {stems}; it has {describe_names(source, limit=4)})")
+
+
+def load_trunk(model: nn.Module, source: Mapping[str, np.ndarray], origin: str) -> dict[str, Any]:
+    """The ImageNet weights of the zoo's MobileNetV2 (``source``: name -> array of its ``mindspore.save_checkpoint``
+    file, training state already dropped) into the trunk ``backbone.features`` of an ``ssd300_mobilenet_v2`` model,
+    as the SSD's ``load_backbone_params`` would (init_params.py): the tensors as they are, by name and shape.
+
+    Every trunk entry of ours must be in the file (:func:`imagenet_mobilenet_v2_pairs`); the classifier
+    (:data:`IMAGENET_CLASSIFIER_PREFIXES`) is ignored; anything else is an error. ``expand_13`` (the zoo's
+    ``expand_layer_conv_13``, not part of the classifier network), the extra levels and the heads keep their
+    initialisation, as in the zoo. The classifier pads 'pad' (symmetric) and its BatchNorm has eps 1e-5 where the
+    SSD's trunk pads 'same' and uses eps 1e-3: the loaded trunk computes the zoo SSD's function, not the
+    classifier's exactly, as in the zoo.
+    """
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, SSDMobileNetV2Backbone):
+        raise WeightMappingError(f"{origin}: MobileNetV2 ImageNet weights fit the trunk of ssd300_mobilenet_v2, and "
+                                 f"this model's backbone is {type(backbone).__name__}")
+    prefix = _imagenet_prefix(source, origin)
+    target = {k: v for k, v in model.state_dict().items()
+              if k.startswith("backbone.features.") and not k.endswith("num_batches_tracked")}
+    ignored = [k for k in source if k.startswith(IMAGENET_CLASSIFIER_PREFIXES)]
+    state = remap_state_dict(source, imagenet_mobilenet_v2_pairs(prefix), target,
+                             f"MindSpore MobileNetV2 ImageNet checkpoint {origin}", ignored=ignored)
+    model.load_state_dict(state, strict=False)   # the trunk only; the rest keeps its initialisation
+    logger.info(f"MobileNetV2 ImageNet weights (MindSpore) from {origin}: {len(state)} trunk tensors; "
+                f"expand_13, extra levels and heads keep their initialisation")
+    return {"format": "mindspore_mobilenet_v2_imagenet", "tensors": len(state), "ignored": len(ignored)}

@@ -19,6 +19,7 @@ from torch import nn
 
 from multibox.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from multibox.config import Config
+from multibox.interop.mindspore import is_mindspore_ckpt, load_mindspore_backbone
 from multibox.interop.torchvision import (is_torchvision_ssd300, is_torchvision_ssdlite, torchvision_coco_class_names,
                                           torchvision_detector_state_dict)
 from multibox.models import freeze_backbone
@@ -51,6 +52,9 @@ def load_initial_weights(model: nn.Module, cfg: Config, initial: InitialWeights,
     """The detector of ``initial`` (fine-tuned onto ``class_names``), else its ImageNet backbone, into ``model``."""
     if initial.detector is not None:
         load_detector_weights(model, cfg, initial.detector, class_names, initial.detector_source)
+    elif initial.backbone is not None and is_mindspore_ckpt(initial.backbone):
+        load_mindspore_backbone(model, cfg.model.arch, initial.backbone,
+                                _named(initial.backbone_source, initial.backbone))
     elif initial.backbone is not None:
         load_backbone(model, initial.backbone, _named(initial.backbone_source, initial.backbone))
 
