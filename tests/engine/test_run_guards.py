@@ -115,3 +115,14 @@ def test_a_run_that_skipped_images_says_so_in_its_exit_status(tmp_path, caplog):
     assert any("1 of its 6 images not found" in w for w in warnings)
     assert warnings[-1].startswith("1 unreadable or missing images were skipped while training")
     assert (out / "best.pt").is_file()
+
+
+def test_one_image_per_step_with_batchnorm_on_a_1x1_map_is_one_line(ann, tmp_path, capsys):
+    """tiny's last level (1x1) has BatchNorm: one image per step cannot train it (PyTorch would raise mid-step);
+    with train.freeze_bn the running statistics serve and the step runs."""
+    out = tmp_path / "run"
+    assert main(_train(ann, out, settings=[*TINY, "train.batch_size=1"])) == 2
+    err = _one_error_line(capsys)
+    assert "needs at least 2 images per step" in err and "train.freeze_bn=true" in err
+    assert not out.exists()
+    assert main(_train(ann, tmp_path / "frozen", settings=[*TINY, "train.batch_size=1", "train.freeze_bn=true"])) == 0

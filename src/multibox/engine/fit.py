@@ -279,6 +279,8 @@ def _build_model(cfg: Config, splits: DataSplits, device: torch.device, env: mbd
         _info(f"model.num_classes = {len(splits.class_names) - 1} (from the data's categories)")
         cfg.model.num_classes = len(splits.class_names) - 1
     model = build_model(cfg)
+    check_batch_statistics(cfg, model, min(mbdist.per_rank_batch(cfg.train.batch_size, env.world_size),
+                                           len(splits.train)))
     prepare_for_training(model, cfg, initial, splits.class_names)
     model = model.to(device)
     if cfg.train.channels_last:   # ~10% faster CPU steps; the convolutions then pick NHWC for the input too
@@ -288,6 +290,17 @@ def _build_model(cfg: Config, splits: DataSplits, device: torch.device, env: mbd
           + (f", {env.world_size} processes x batch {mbdist.per_rank_batch(cfg.train.batch_size, env.world_size)} "
              f"(global batch {cfg.train.batch_size})" if env.distributed else ""))
     return model
+
+
+def check_batch_statistics(cfg: Config, model: nn.Module, images_per_step: int) -> None:
+    """Refuse, before the first step, a run whose BatchNorm layers would normalise a single value per channel: one
+    image per step (per process) and a 1x1 feature map, where BatchNorm in training mode has no statistics to
+    compute (PyTorch raises in the middle of the first step)."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if images_per_step == 1 and has_bn and min(cfg.anchors.feature_sizes) == 1 and not cfg.train.freeze_bn:
+        raise InputError(f"{cfg.model.arch} normalises its 1x1 feature map with BatchNorm, which needs at least 2 "
+                         f"images per step; this run has 1 per process: raise train.batch_size, or set "
+                         f"train.freeze_bn=true (BatchNorm then uses its running statistics)")
 
 
 def _data_parallel(model: nn.Module, env: mbdist.DistEnv, device: torch.device) -> nn.Module:
