@@ -39,21 +39,15 @@ def _import_weights(args: list[str]) -> int:
     return import_weights_command.run(ns)
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, one_thread):
-    """A randomly initialised torchvision ssd300_vgg16 (seed 0), converted by the command, and both systems' raw
-    outputs and detections on three images of different sizes (one forward pass each). One thread: a random
-    network scores many overlapping boxes alike, so float32 noise (NHWC vs NCHW, the threads' summation order)
-    can change which of two near-tied boxes NMS keeps; one thread fixes that noise."""
-    root = tmp_path_factory.mktemp("torchvision")
-    torch.manual_seed(0)
-    tv = ssd300_vgg16(weights=None, weights_backbone=None).eval()
-    torch.save(tv.state_dict(), root / "ssd300_vgg16.pth")
-    assert _import_weights(["--from", "torchvision", str(root / "ssd300_vgg16.pth"), "--out", str(root / "ckpt.pt")]) == 0
+def convert_and_run(tv: torch.nn.Module, root, image_sizes) -> dict:
+    """``tv`` (a torchvision detector in eval mode) saved, converted by ``multibox import-weights --from
+    torchvision`` and loaded with ``multibox.load``; both systems' raw head outputs (forward hooks) and detections
+    on random images of ``image_sizes`` (one forward pass each)."""
+    torch.save(tv.state_dict(), root / "tv.pth")
+    assert _import_weights(["--from", "torchvision", str(root / "tv.pth"), "--out", str(root / "ckpt.pt")]) == 0
     detector = multibox.load(root / "ckpt.pt", device="cpu")
-
     g = torch.Generator().manual_seed(1)
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in IMAGE_SIZES]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in image_sizes]
     raw_tv, raw_ours = {}, {}
     hooks = [tv.head.register_forward_hook(lambda m, i, o: raw_tv.update(o)),
              detector.model.register_forward_hook(lambda m, i, o: raw_ours.update(loc=o[0], cls=o[1]))]
@@ -66,6 +60,17 @@ def converted(tmp_path_factory, one_thread):
             h.remove()
     return {"tv": tv, "state_dict": tv.state_dict(), "detector": detector, "images": images, "ref": ref,
             "ours": ours, "raw_tv": raw_tv, "raw_ours": raw_ours, "root": root}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, one_thread):
+    """A randomly initialised torchvision ssd300_vgg16 (seed 0) through :func:`convert_and_run` on three images of
+    different sizes. One thread: a random network scores many overlapping boxes alike, so float32 noise (NHWC vs
+    NCHW, the threads' summation order) can change which of two near-tied boxes NMS keeps; one thread fixes that
+    noise."""
+    torch.manual_seed(0)
+    tv = ssd300_vgg16(weights=None, weights_backbone=None).eval()
+    return convert_and_run(tv, tmp_path_factory.mktemp("torchvision"), IMAGE_SIZES)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,7 +24,7 @@ from multibox.config import load_config
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
 from multibox.interop import mindspore_fpn
 from multibox.interop.mindspore import import_mindspore_ckpt, read_mindspore_ckpt, recognise as recognise_tutorial
-from multibox.interop.mindspore import write_mindspore_ckpt
+from multibox.interop.mindspore import without_training_prefix, write_mindspore_ckpt
 from multibox.models import build_model, count_parameters, model_skeleton
 from multibox.models.fpn import resize_bilinear_legacy
 from multibox.models.weights import WeightMappingError, class_row_layers
@@ -140,7 +140,7 @@ def mobilenet_fpn_as_zoo():
 def test_round_trip_through_zoo_names(mobilenet_fpn_as_zoo, tmp_path):
     state, tensors = mobilenet_fpn_as_zoo
     write_mindspore_ckpt(tmp_path / "zoo.ckpt", tensors)
-    source = read_mindspore_ckpt(tmp_path / "zoo.ckpt")
+    source = without_training_prefix(read_mindspore_ckpt(tmp_path / "zoo.ckpt"))   # as the dispatcher hands it on
     assert mindspore_fpn.recognise(source) and not recognise_tutorial(source)
     payload = import_mindspore_ckpt(tmp_path / "zoo.ckpt")
     assert payload["config"]["model"]["arch"] == "ssd640_mobilenet_v1_fpn" and len(payload["class_names"]) == 81

@@ -6,8 +6,6 @@ eval-mode detections — and torchvision's ``mobilenet_v3_large`` state-dict lay
 """
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from torch import nn
@@ -16,8 +14,6 @@ from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 
-import multibox
-from multibox.cli import import_weights as import_weights_command
 from multibox.config import load_config
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
 from multibox.core.boxes import cxcywh_to_xyxy
@@ -25,7 +21,7 @@ from multibox.interop.torchvision import import_torchvision, torchvision_ssdlite
 from multibox.models import build_model, count_parameters
 from multibox.models.published import PUBLISHED, mobilenet_v3_reduced_tail, plan_initial_weights
 from multibox.models.weights import WeightMappingError, load_mobilenet_v3_backbone
-from test_interop import _assert_same_detections, _relative_error
+from test_interop import _assert_same_detections, _relative_error, convert_and_run
 
 PRESET = "ssdlite320-mobilenet-v3"
 IMAGE_SIZES = [(320, 320), (240, 320), (500, 375)]
@@ -57,28 +53,7 @@ def converted(tmp_path_factory, one_thread):
         # and are comparable.
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, a=0.5, mode="fan_in", nonlinearity="leaky_relu")
-    tv.eval()
-    torch.save(tv.state_dict(), root / "ssdlite.pth")
-    parser = argparse.ArgumentParser(prog="multibox")
-    import_weights_command.add_parser(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(["import-weights", "--from", "torchvision", str(root / "ssdlite.pth"),
-                            "--out", str(root / "ckpt.pt")])
-    assert import_weights_command.run(ns) == 0
-    detector = multibox.load(root / "ckpt.pt", device="cpu")
-    g = torch.Generator().manual_seed(1)
-    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in IMAGE_SIZES]
-    raw_tv, raw_ours = {}, {}
-    hooks = [tv.head.register_forward_hook(lambda m, i, o: raw_tv.update(o)),
-             detector.model.register_forward_hook(lambda m, i, o: raw_ours.update(loc=o[0], cls=o[1]))]
-    try:
-        with torch.no_grad():
-            ref = tv([im.float() / 255 for im in images])
-        ours = detector.predict(images)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"tv": tv, "detector": detector, "ref": ref, "ours": ours, "raw_tv": raw_tv, "raw_ours": raw_ours,
-            "root": root}
+    return convert_and_run(tv.eval(), root, IMAGE_SIZES)
 
 
 def test_preset_is_torchvisions_recipe():

@@ -51,6 +51,7 @@ from multibox.errors import InputError
 from multibox.models import build_model
 
 NUM_CLASSES = 90   # torchvision's COCO head: 91 channels with background
+SSD300_ANCHORS = 8732   # default boxes of torchvision's ssd300_vgg16
 INFER_HW = (480, 640)   # a typical COCO photo: inference includes resizing it
 REFERENCE_MEAN = (123.0, 117.0, 104.0)   # torchvision's references/detection "ssd" recipe (zoom-out fill)
 TINY = ["model.arch=tiny", "model.widths=[16, 32, 64, 128, 128, 128, 128, 128]", "model.init=kaiming"]
@@ -340,7 +341,7 @@ def bench_train_e2e(preset: str, device: torch.device, batch: int, amp: torch.dt
 
 # ------------------------------------------------------------------------------------------------ infer_e2e
 
-def budget_hook(budget: int | None, activation: str, seed: int, num_anchors: int = 8732):
+def budget_hook(budget: int | None, activation: str, seed: int, num_anchors: int = SSD300_ANCHORS):
     """A forward hook replacing class logits by fixed ones: background wins everywhere except about ``budget``
     random (anchor, class) pairs per image, spread over the levels by their share of the ``num_anchors`` default
     boxes, which score high. Applied identically to both systems."""
@@ -393,17 +394,15 @@ def _paired_detectors(preset: str, device: torch.device, amp: torch.dtype | None
     detector = _detector(paper_config(preset, arch), device, amp, compile_, twin_weights(arch, theirs))
     if budget is not None:
         activation = detector.postprocess.score_activation
+        ours_anchors = len(detector.model.anchors_cxcywh)
+        # A twin has our default boxes; every other reference is ssd300_vgg16 (tiny: SSD300's layout), 8732.
+        their_anchors = ours_anchors if arch in TORCHVISION_TWINS else SSD300_ANCHORS
         for head in _class_heads(detector):
-            head.register_forward_hook(budget_hook(budget, activation, 0, len(detector.model.anchors_cxcywh)))
+            head.register_forward_hook(budget_hook(budget, activation, 0, ours_anchors))
         for head in theirs.head.classification_head.module_list:
             last = head[-1] if isinstance(head, nn.Sequential) else head
-            last.register_forward_hook(budget_hook(budget, "softmax", 0, _torchvision_anchors(arch)))
+            last.register_forward_hook(budget_hook(budget, "softmax", 0, their_anchors))
     return detector, theirs
-
-
-def _torchvision_anchors(arch: str) -> int:
-    """Default boxes of :func:`torchvision_ssd`'s model for ``arch`` (SSDLite: 3234; SSD300 and tiny: 8732)."""
-    return 3234 if arch == "ssdlite320_mobilenet_v3" else 8732
 
 
 def _infer_row(name: str, batch: int, seconds: dict[str, float]) -> dict:

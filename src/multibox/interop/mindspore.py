@@ -270,6 +270,24 @@ def swap_yx_offsets(tensor: Tensor) -> Tensor:
     return tensor.reshape(k, 4, *tensor.shape[1:])[:, [1, 0, 3, 2]].reshape(tensor.shape).contiguous()
 
 
+def imported_payload(cfg: Config, model: nn.Module, source: Mapping[str, np.ndarray], pairs: list[tuple[str, str]],
+                     loc_layers: list[str], path: Path) -> dict[str, Any]:
+    """The checkpoint payload of a MindSpore SSD imported into ``model`` (a skeleton of ``cfg``): every parameter
+    mapped by name and shape (``pairs``; BatchNorm's ``num_batches_tracked`` derived), the output channels of the
+    ``loc_layers`` (our prefixes of the loc convolutions) reordered from MindSpore's (dy, dx, dh, dw) to our
+    (dx, dy, dw, dh) (:func:`swap_yx_offsets`). Its 81 classes are the tutorial's (COCO 2017's in id order, so its
+    labels name COCO's category ids: 12 -> 13)."""
+    target = model.state_dict()
+    derived = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in target.items() if k.endswith("num_batches_tracked")}
+    state = remap_state_dict(source, pairs, target, f"MindSpore checkpoint {path}", derived=derived)
+    for layer in loc_layers:
+        for p in ("weight", "bias"):
+            state[f"{layer}.{p}"] = swap_yx_offsets(state[f"{layer}.{p}"])
+    model.load_state_dict(state, assign=True)
+    return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
+            "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{Path(path).name}"}
+
+
 # The MindSpore networks `import-weights --from mindspore` recognises, tried in order: modules that define
 #   recognise(source: Mapping[str, np.ndarray]) -> bool      (from parameter names and shapes alone)
 #   convert(source: Mapping[str, np.ndarray], path: Path) -> dict   (the checkpoint payload, see import_mindspore_ckpt)
@@ -397,15 +415,6 @@ def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
     presets; class channel 0 is background in both.
     """
     cfg = vgg16_config(source, path)
-    model = model_skeleton(cfg)
-    target = model.state_dict()
-    derived = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in target.items() if k.endswith("num_batches_tracked")}
-    pairs = mindspore_vgg16_pairs(vgg16_layout(source, path), len(cfg.anchors.feature_sizes))
-    state = remap_state_dict(source, pairs, target, f"MindSpore checkpoint {path}", derived=derived)
-    for k in range(len(cfg.anchors.feature_sizes)):
-        for p in ("weight", "bias"):
-            state[f"loc_heads.{k}.3.{p}"] = swap_yx_offsets(state[f"loc_heads.{k}.3.{p}"])
-    model.load_state_dict(state, assign=True)
-    # The 80 classes of both are COCO 2017's in id order: their labels name COCO's category ids (12 -> 13).
-    return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
-            "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{Path(path).name}"}
+    levels = len(cfg.anchors.feature_sizes)
+    return imported_payload(cfg, model_skeleton(cfg), source, mindspore_vgg16_pairs(vgg16_layout(source, path), levels),
+                            [f"loc_heads.{k}.3" for k in range(levels)], path)

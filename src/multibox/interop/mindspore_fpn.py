@@ -4,7 +4,7 @@ as a multibox checkpoint of the ``ssd640-mobilenet-v1-fpn`` / ``ssd640-resnet50-
 :data:`multibox.interop.mindspore.MINDSPORE_NETWORKS`).
 
 Parameter names of the zoo networks (a checkpoint saved from its training wrapper prefixes them all with
-``network.``, which is accepted and stripped), next to ours:
+``network.``, which :func:`~multibox.interop.mindspore.import_mindspore_ckpt` strips), next to ours:
 
 - ``feature_extractor.mobilenet_v1.network.{i}.{0: conv, 1: BN}`` / ``feature_extractor.resnet.*`` (the same
   names below it): ``backbone.body.*``; ``feature_extractor.fpn.{lateral,fpn}_convs_list.*``: ``backbone.fpn.*``;
@@ -28,13 +28,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 from torch import nn
 
 from multibox.config import load_config
-from multibox.data.categories import category_ids_of
-from multibox.interop.mindspore import (BATCHNORM_LEAVES, TUTORIAL_CLASS_NAMES, swap_yx_offsets,
-                                        without_training_prefix)
+from multibox.interop.mindspore import BATCHNORM_LEAVES, imported_payload
 from multibox.models import model_skeleton
 from multibox.models.fpn import FPNBackbone, MobileNetV1Trunk, ResNet50Trunk
 from multibox.models.weights import WeightMappingError, describe_names, remap_state_dict
@@ -90,8 +87,9 @@ def _preset_of(names: Mapping[str, Any]) -> str | None:
 
 def recognise(source: Mapping[str, np.ndarray]) -> bool:
     """Whether ``source`` is (an attempt at) one of the zoo's SSD-FPN networks: the weight-shared head's first
-    loc tower convolution and the MobileNetV1 or ResNet50 trunk's stem, with or without the ``network.`` prefix."""
-    return _preset_of(without_training_prefix({k: None for k in source})) is not None
+    loc tower convolution and the MobileNetV1 or ResNet50 trunk's stem (a training network's ``network.`` prefix
+    already removed, :func:`~multibox.interop.mindspore.import_mindspore_ckpt`)."""
+    return _preset_of(source) is not None
 
 
 def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
@@ -104,7 +102,6 @@ def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
     to our (dx, dy, dw, dh). Default boxes are the zoo's grid anchors in its order (the preset's anchors.sizes).
     """
     path = Path(path)
-    source = without_training_prefix(source)
     preset = _preset_of(source)
     if preset is None:
         raise WeightMappingError(f"{path}: not a MindSpore model-zoo SSD-FPN checkpoint")
@@ -115,15 +112,8 @@ def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
     if predictor is not None and predictor.shape[0] != expected:
         raise WeightMappingError(f"{path}: its class predictor has {predictor.shape[0]} outputs; the zoo's COCO "
                                  f"network ({preset}) has {expected} (6 boxes x 81 classes)")
-    target = model.state_dict()
-    derived = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in target.items() if k.endswith("num_batches_tracked")}
-    state = remap_state_dict(source, zoo_fpn_pairs(model, NETWORKS[preset][0]), target,
-                             f"MindSpore checkpoint {path}", derived=derived)
-    for p in ("weight", "bias"):
-        state[f"head.loc_predictor.{p}"] = swap_yx_offsets(state[f"head.loc_predictor.{p}"])
-    model.load_state_dict(state, assign=True)
-    return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
-            "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{path.name}"}
+    return imported_payload(cfg, model, source, zoo_fpn_pairs(model, NETWORKS[preset][0]), ["head.loc_predictor"],
+                            path)
 
 
 # Our trunk class -> (the zoo's ImageNet classification network, its classifier's entry prefix, the format name).

@@ -26,13 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
-import torch
 from torch import nn
 
 from multibox.config import load_config
-from multibox.data.categories import category_ids_of
-from multibox.interop.mindspore import (TUTORIAL_CLASS_NAMES, batchnorm_pairs, separable_head_pairs,
-                                        swap_yx_offsets)
+from multibox.interop.mindspore import batchnorm_pairs, imported_payload, separable_head_pairs
 from multibox.models import model_skeleton
 from multibox.models.mobilenet_v2 import EXTRAS, MOBILENET_V2_STAGES, SPLIT, SSDMobileNetV2Backbone
 from multibox.models.weights import WeightMappingError, describe_names, remap_state_dict
@@ -103,19 +100,9 @@ def convert(source: Mapping[str, np.ndarray], path: Path) -> dict[str, Any]:
     are (dy, dx, dh, dw) per anchor: the loc heads' last 1x1 convolutions get their output channels swapped
     (:func:`swap_yx_offsets`) to our (dx, dy, dw, dh). Default boxes are in the zoo's order in the preset.
     """
-    path = Path(path)
     cfg = load_config(PRESET)
-    model = model_skeleton(cfg)
-    target = model.state_dict()
-    derived = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in target.items() if k.endswith("num_batches_tracked")}
-    state = remap_state_dict(source, zoo_mobilenet_v2_pairs(), target, f"MindSpore checkpoint {path}",
-                             derived=derived)
-    for k in range(NUM_LEVELS):
-        for p in ("weight", "bias"):
-            state[f"loc_heads.{k}.3.{p}"] = swap_yx_offsets(state[f"loc_heads.{k}.3.{p}"])
-    model.load_state_dict(state, assign=True)
-    return {"model": model.state_dict(), "config": cfg.to_dict(), "class_names": list(TUTORIAL_CLASS_NAMES),
-            "category_ids": category_ids_of(TUTORIAL_CLASS_NAMES), "imported_from": f"mindspore:{path.name}"}
+    return imported_payload(cfg, model_skeleton(cfg), source, zoo_mobilenet_v2_pairs(),
+                            [f"loc_heads.{k}.3" for k in range(NUM_LEVELS)], Path(path))
 
 
 # Where an ImageNet checkpoint of the zoo's MobileNetV2 (official/cv/mobilenetv2/src/mobilenetV2.py) keeps

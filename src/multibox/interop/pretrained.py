@@ -20,7 +20,7 @@ from torch import nn
 from multibox.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from multibox.config import Config
 from multibox.interop.mindspore import is_mindspore_ckpt, load_mindspore_backbone
-from multibox.interop.torchvision import (is_torchvision_ssd300, is_torchvision_ssdlite, torchvision_coco_class_names,
+from multibox.interop.torchvision import (is_torchvision_detector, torchvision_coco_class_names,
                                           torchvision_detector_state_dict)
 from multibox.models import freeze_backbone
 from multibox.models.published import (VGG16_STAGES, InitialWeights, plan_initial_weights,
@@ -98,10 +98,6 @@ def load_detector_weights(model: nn.Module, cfg: Config, path: Path, class_names
                 f"{len(report['kept'])} classes ({', '.join(report['kept']) or 'none'}) and the background; "
                 f"{len(report['new'])} new, initialised fresh ({', '.join(report['new']) or 'none'})")
     return report
-
-
-def is_torchvision_detector(raw: dict) -> bool:
-    return is_torchvision_ssd300(raw) or is_torchvision_ssdlite(raw)
 
 
 def _checkpoint_weights(payload: dict[str, Any], cfg: Config, origin: str) -> tuple[dict, list[str]]:

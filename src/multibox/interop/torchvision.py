@@ -17,9 +17,10 @@ from multibox.models import model_skeleton
 from multibox.models.weights import (WeightMappingError, remap_state_dict, torch_load_state_dict, vgg16_feature_indices,
                                      vgg16_trunk_names)
 
-__all__ = ["import_torchvision", "import_torchvision_ssd300", "is_torchvision_ssd300", "is_torchvision_ssdlite",
-           "torchvision_coco_class_names", "torchvision_detector_state_dict", "torchvision_ssd300_pairs",
-           "torchvision_ssd300_state_dict", "torchvision_ssdlite_pairs", "torchvision_ssdlite_state_dict"]
+__all__ = ["import_torchvision", "import_torchvision_ssd300", "is_torchvision_detector", "is_torchvision_ssd300",
+           "is_torchvision_ssdlite", "torchvision_coco_class_names", "torchvision_detector_state_dict",
+           "torchvision_ssd300_pairs", "torchvision_ssd300_state_dict", "torchvision_ssdlite_pairs",
+           "torchvision_ssdlite_state_dict"]
 
 
 POOL4_INDEX = vgg16_feature_indices()[9] + 2     # the max-pool after conv4_3 in vgg16().features (23)
@@ -130,6 +131,11 @@ def torchvision_ssdlite_state_dict(source: Mapping[str, Tensor], origin: str) ->
                              f"torchvision ssdlite320_mobilenet_v3_large state dict {origin}")
     model.load_state_dict(state, assign=True)
     return cfg, model.state_dict()
+
+
+def is_torchvision_detector(source: Mapping[str, Any]) -> bool:
+    """Whether a state dict is one of the torchvision detectors multibox converts (SSD300 or SSDLite)."""
+    return is_torchvision_ssd300(source) or is_torchvision_ssdlite(source)
 
 
 def torchvision_detector_state_dict(source: Mapping[str, Tensor], origin: str) -> tuple[Config, dict[str, Tensor]]:

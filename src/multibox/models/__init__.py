@@ -10,7 +10,7 @@ from multibox.models.ssd import SSD
 from multibox.models.fpn import FPN_TRUNKS, build_fpn_backbone
 from multibox.models.shared_head import WeightSharedHead
 from multibox.models.mobilenet_v2 import SSDMobileNetV2Backbone
-from multibox.models.mobilenet_v3 import SSDLiteMobileNetV3Backbone, init_normal
+from multibox.models.mobilenet_v3 import SSDLiteMobileNetV3Backbone
 from multibox.models.tiny import TinyBackbone
 from multibox.models.published import (check_fits, mobilenet_v3_reduced_tail, resolve_weights,
                                        trainable_backbone_stages)
@@ -53,11 +53,14 @@ def build_head(cfg: Config, feature_channels: list[int], boxes_per_location: lis
 
 def init_weights(model: nn.Module, scheme: str) -> None:
     """``truncated_normal``: the tutorial's TruncatedNormal(σ = 0.02) (cut at ±2σ, as MindSpore does) on every
-    weight except BatchNorm's; ``kaiming``: He initialisation for convolutions. Biases start at zero, BN at (1, 0)."""
+    weight except BatchNorm's; ``kaiming``: He initialisation for convolutions; ``normal``: torchvision's
+    ``_normal_init`` of SSDLite, N(0, 0.03²) on every convolution. Biases start at zero, BN at (1, 0)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             if scheme == "truncated_normal":
                 nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+            elif scheme == "normal":
+                nn.init.normal_(module.weight, mean=0.0, std=0.03)
             elif scheme == "kaiming":
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             else:
@@ -87,8 +90,6 @@ def build_model(cfg: Config, load_backbone_weights: bool = False) -> SSD:
                 head=build_head(cfg, backbone.out_channels, spec.boxes_per_location()))
     if cfg.model.init == "xavier":
         init_paper_ssd(model)
-    elif cfg.model.init == "normal":
-        init_normal(model)
     else:
         init_weights(model, cfg.model.init)
     if cfg.model.class_prior is not None:

@@ -72,15 +72,3 @@ class SSDLiteMobileNetV3Backbone(nn.Module):
             features.append(x)
         return features
 
-
-def init_normal(model: nn.Module, std: float = 0.03) -> None:
-    """torchvision's ``_normal_init`` of SSDLite (``model.init: normal``): every convolution N(0, std²), biases 0;
-    BatchNorm (1, 0)."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
