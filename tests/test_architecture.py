@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import multibox
+from multibox.errors import InputError
 from multibox.inference import detector as detector_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,10 @@ def test_public_load_forwards_every_argument():
     def parameters(fn):
         return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
 
-    assert parameters(multibox.load) == parameters(detector_module.load)
+    # ``runtime`` picks the runtime of an exported ONNX model; a checkpoint has only PyTorch's.
+    assert parameters(multibox.load) == parameters(detector_module.load) + [("runtime", "auto")]
+    with pytest.raises(InputError, match="runtime applies to exported ONNX models"):
+        multibox.load(FIXTURE / "best.pt", runtime="openvino")
     detector = multibox.load(FIXTURE / "best.pt", device="cpu", precision="bf16", compile=False)
     assert detector.dtype is torch.bfloat16 and detector.cfg.eval.precision == "bf16"
 

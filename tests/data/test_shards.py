@@ -255,3 +255,33 @@ def test_bench_data_reports_both_storages(tmp_path):
     for key in ("loose_fetch_per_s", "shards_fetch_per_s", "loose_decoded_per_s", "shards_decoded_per_s"):
         assert out[key] > 0
     assert list(tmp_path.iterdir()) == []   # temporary data removed
+
+
+def test_convert_skips_exactly_what_the_training_decoder_cannot_decode(tmp_path):
+    """The cheap check of convert (1/8-scale JPEG decode, the training decoder only on what it flags) drops the
+    same images as decoding each with the training decoder, on a corpus of damaged JPEGs."""
+    from test_validate import _coco_of, damaged_jpegs
+
+    from multibox.data.coco import ImageDecodeError, decode_image_rgb
+    from multibox.data.imagecheck import training_decode_problem
+
+    files = damaged_jpegs()
+    undecodable = set()
+    for name, data in files.items():
+        try:
+            decode_image_rgb(data, name)
+        except (OSError, ImageDecodeError):
+            undecodable.add(name)
+    assert len(undecodable) > 300
+    assert {n for n, d in files.items() if training_decode_problem(d, n) is not None} == undecodable
+    ann = _coco_of(tmp_path / "src", files)
+    calls = []
+    serial = convert_source(str(ann), str(tmp_path / "serial"), images_per_shard=100, workers=1,
+                            on_progress=lambda done, total: calls.append((done, total)))
+    parallel = convert_source(str(ann), str(tmp_path / "parallel"), images_per_shard=100, workers=2)
+    skipped = {s["file_name"] for entry in serial["shards"] for s in entry["skipped"]}
+    assert skipped == undecodable
+    assert [e["sha256"] for e in parallel["shards"]] == [e["sha256"] for e in serial["shards"]]
+    assert [e["skipped"] for e in parallel["shards"]] == [e["skipped"] for e in serial["shards"]]
+    n = len(files)
+    assert calls == [(0, n)] + [(k * 100, n) for k in range(1, (n + 99) // 100)] + [(n, n)]

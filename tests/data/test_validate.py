@@ -128,3 +128,83 @@ def test_training_on_broken_set_is_finite_and_logs_skips(broken, tmp_path):
     assert all(e["skipped_steps"] == 0 for e in epochs)
     result = json.loads((out / "eval.json").read_text())
     assert all(np.isfinite(result[k]) for k in ("AP", "AP50"))
+
+
+# --------------------------------------------------------------------------- COCO-scale checks
+
+_UNUSABLE = ("unreadable_image", "truncated_image", "oversized_image")
+
+
+def _jpeg(progressive: bool, mode: str, seed: int = 0) -> bytes:
+    import io
+
+    from PIL import Image
+
+    noise = np.random.default_rng(seed).normal(128, 40, (72, 96, 3)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).convert(mode).save(buf, "JPEG", quality=90, progressive=progressive)
+    return buf.getvalue()
+
+
+def damaged_jpegs() -> dict[str, bytes]:
+    """name -> bytes: baseline / progressive JPEGs (RGB, L, CMYK) truncated at 59 offsets, one byte changed every
+    ~1/80 of the header (markers, lengths, tables), 60 bytes of entropy-coded data inverted, tails zero-filled."""
+    out = {}
+    rng = np.random.default_rng(1)
+    for progressive in (False, True):
+        for mode in ("RGB", "L", "CMYK"):
+            data = _jpeg(progressive, mode)
+            tag, n = f"{'prog' if progressive else 'base'}_{mode}", len(data)
+            sos = data.index(b"\xff\xda")
+            scan = sos + 2 + int.from_bytes(data[sos + 2: sos + 4], "big")   # first entropy-coded byte
+            out[f"{tag}_intact.jpg"] = data
+            for k in range(1, 60):
+                out[f"{tag}_cut{k}.jpg"] = data[: n * k // 60]
+            for k in range(0, scan, max(1, n // 80)):
+                out[f"{tag}_header{k}.jpg"] = data[:k] + bytes([data[k] ^ 0x5A]) + data[k + 1:]
+            for k in rng.integers(scan, n - 2, 60).tolist():
+                out[f"{tag}_flip{k}.jpg"] = data[:k] + bytes([data[k] ^ 0xFF]) + data[k + 1:]
+            for frac in (2, 4, 10, 50, 200):
+                zeros = max(2, (n - scan) // frac)
+                out[f"{tag}_zeros{frac}.jpg"] = data[: n - zeros] + bytes(zeros)
+    return out
+
+
+def _coco_of(folder, files: dict[str, bytes]):
+    (folder / "images").mkdir(parents=True)
+    for name, data in files.items():
+        (folder / "images" / name).write_bytes(data)
+    images = [{"id": i, "file_name": name, "width": 96, "height": 72} for i, name in enumerate(sorted(files), 1)]
+    coco = {"images": images, "categories": [{"id": 1, "name": "thing"}],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 9, 9]} for i in range(1, 30)]}
+    (folder / "instances.json").write_text(json.dumps(coco))
+    return folder / "instances.json"
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory):
+    return _coco_of(tmp_path_factory.mktemp("damaged"), damaged_jpegs())
+
+
+def test_scaled_jpeg_check_flags_every_file_full_decode_flags(damaged):
+    full = check_dataset(damaged, workers=1, full_decode=True)
+    cheap = check_dataset(damaged, workers=1)
+    flagged_full = {(p.file, p.kind, p.image_id) for p in full.problems if p.kind in _UNUSABLE}
+    flagged_cheap = {(p.file, p.kind, p.image_id) for p in cheap.problems if p.kind in _UNUSABLE}
+    assert len(flagged_full) > 300   # the corpus really is damaged: truncations, broken headers, zero tails
+    missed = flagged_full - flagged_cheap
+    assert not missed, f"flagged by the full decode only: {sorted(missed)[:5]}"
+    assert {f.rsplit("/", 1)[-1] for f, _, _ in flagged_cheap} >= {f"{t}_cut1.jpg" for t in ("base_RGB", "prog_L")}
+    assert not any(f.endswith("_intact.jpg") for f, _, _ in flagged_cheap)   # and no false alarm on the originals
+    assert all(p.file.endswith(".jpg") and p.image_id for p in cheap.problems if p.kind in _UNUSABLE)
+
+
+def test_parallel_report_equals_serial_and_progress_totals(damaged):
+    calls = []
+    serial = check_dataset(damaged, workers=1, progress=lambda done, total: calls.append((done, total)))
+    parallel = check_dataset(damaged, workers=2)
+    assert parallel.problems == serial.problems and parallel.num_images == serial.num_images
+    total = serial.num_images
+    assert total > 64 and calls[0] == (0, total) and calls[-1] == (total, total)
+    assert all(t == total for _, t in calls) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert len(calls) == 2 + (total - 1) // 64   # one call per chunk of 64 images, and the start

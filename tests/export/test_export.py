@@ -1,5 +1,6 @@
 """ONNX export: onnxruntime running the exported graph (normalisation, network, decoding, NMS) gives PyTorch's
-detections, for every shipped SSD300 preset, at batch sizes 1 and 4.
+detections, for every shipped preset and both exporters (dynamo, TorchScript), at batch sizes 3 and 1 (the export
+example has 2: neither size is the traced one).
 
 Random weights with a fixed seed; the heads' last layers are rescaled so that the logits are spread (a moderate
 number of confident boxes instead of 8732 x C near-equal scores), and the score threshold is put in a wide gap
@@ -25,8 +26,10 @@ from multibox.inference.detector import Detector  # noqa: E402
 from multibox.checkpoint import save_checkpoint  # noqa: E402
 from multibox.config import load_config, preset_names  # noqa: E402
 from multibox.cli import main  # noqa: E402
-from multibox.export.onnx import (ExportableSSD, _NonMaxSuppression, export_onnx,  # noqa: E402
-                                  multiclass_nms_indices, torchscript_onnx_export)
+from multibox.export import DYNAMO_OPSET, EXPORTER_NAMES, OPSET  # noqa: E402
+from multibox.export.onnx import (ExportableSSD, OnnxExportError, default_exporter,  # noqa: E402
+                                  dynamo_onnx_export, dynamo_unavailable_reason, export_onnx, multiclass_nms,
+                                  multiclass_nms_indices, resolve_exporter, torchscript_onnx_export)
 from multibox.inference.onnx import OnnxDetector, resize_for_model  # noqa: E402
 from multibox.models import build_model  # noqa: E402
 
@@ -39,28 +42,49 @@ IMAGE_SIZES = [(240, 320), (300, 300), (427, 640), (500, 375)]   # (H, W): resca
 # (checked): the comparison then shows the graph applies that cap as the PostProcessor does. The values were
 # found by trying a few on the tiny network; if that network changes, the check says which cap no longer binds.
 SOFTMAX = ["loss.kind=hard_negative"]
-CASES = [
-    ("tiny", [], ()),
+TINY_CAPS = [
     ("tiny", ["model.num_classes=3", *SOFTMAX, "eval.pre_nms_top_k=2", "eval.max_per_class=2", "eval.max_per_image=4",
               "eval.nms_threshold=0.2"], ("pre_nms_top_k", "max_per_image")),
     ("tiny", ["model.num_classes=4", *SOFTMAX, "eval.pre_nms_top_k=3", "eval.max_per_class=2", "eval.max_per_image=5",
               "eval.nms_threshold=0.6"], ("max_per_class", "max_per_image")),
-    pytest.param(("ssd300-vgg16-seed", [], ()), marks=pytest.mark.slow),
-    pytest.param(("ssd300-vgg16", [], ()), marks=pytest.mark.slow),
-    pytest.param(("ssdlite320-mobilenet-v3", [], ()), marks=pytest.mark.slow),
+]
+# Every shipped preset but tiny, with the dynamo exporter: slow (seconds of network on one core, and the exporter
+# takes 7 to 20 CPU seconds per preset). The TorchScript one on the presets it was checked on before.
+BIG = [preset for preset in preset_names() if preset != "tiny"]
+TORCHSCRIPT_BIG = ["ssd300-vgg16-seed", "ssd300-vgg16", "ssdlite320-mobilenet-v3"]
+
+
+def _case(preset, overrides, binding, exporter, slow):
+    return pytest.param((preset, overrides, binding, exporter), marks=[pytest.mark.slow] if slow else [])
+
+
+CASES = [
+    _case("tiny", [], (), "dynamo", False),
+    _case("tiny", [], (), "torchscript", False),
+    *(_case(*case, "dynamo", False) for case in TINY_CAPS),
+    *(_case(*case, "torchscript", True) for case in TINY_CAPS),
+    *(_case(preset, [], (), "dynamo", True) for preset in BIG),
+    *(_case(preset, [], (), "torchscript", True) for preset in TORCHSCRIPT_BIG),
 ]
 
 
 # Test images per preset, chosen so that no decision lies within float noise of a threshold (the fixture checks it).
-IMAGE_SEED = {"ssd300-vgg16-seed": 1}
+IMAGE_SEED = {"ssd300-vgg16-seed": 1, "ssd640-mobilenet-v1-fpn": 1}
 
 
 def case_id(case) -> str:
-    return "-".join([case[0], *(cap.replace("_", "-") for cap in case[2])])
+    return "-".join([case[0], *(cap.replace("_", "-") for cap in case[2]), case[3]])
 
 
 def last_layer(head: nn.Module) -> nn.Conv2d:
     return head[-1] if isinstance(head, nn.Sequential) else head
+
+
+def prediction_layers(model: nn.Module) -> tuple[list[nn.Conv2d], list[nn.Conv2d]]:
+    """The last loc and cls convolutions: one per level, or the one predictor of a weight-shared head."""
+    if model.head is not None:
+        return [model.head.loc_predictor], [model.head.cls_predictor]
+    return [last_layer(h) for h in model.loc_heads], [last_layer(h) for h in model.cls_heads]
 
 
 @torch.no_grad()
@@ -69,24 +93,24 @@ def spread_head_outputs(model: nn.Module, image: torch.Tensor, loc_std: float = 
     """Rescale each head's last convolution so that its outputs (bias excluded) have std ``loc_std`` / ``cls_std``
     on ``image``, and set the object-class bias so that about ``confident`` class logits of ``image`` are > 0
     (score ~0.5, where sigmoid and softmax are steep: nearby logits give distinct scores). Random VGG weights
-    otherwise give outputs of ~1e-6 (the tutorial trunk has no activations), i.e. all scores equal."""
+    otherwise give outputs of ~1e-6 (the tutorial trunk has no activations), i.e. all scores equal. A
+    weight-shared predictor runs once per level: its outputs of all levels count together."""
     model.eval()
-    loc_layers = [last_layer(h) for h in model.loc_heads]
-    cls_layers = [last_layer(h) for h in model.cls_heads]
-    outputs = {}
-    hooks = [layer.register_forward_hook(lambda m, i, o, key=id(layer): outputs.__setitem__(key, o))
+    loc_layers, cls_layers = prediction_layers(model)
+    outputs = {id(layer): [] for layer in loc_layers + cls_layers}
+    hooks = [layer.register_forward_hook(lambda m, i, o, key=id(layer): outputs[key].append(o))
              for layer in loc_layers + cls_layers]
     model(image)
     for hook in hooks:
         hook.remove()
     object_logits = []
     for layer, target in [(layer, loc_std) for layer in loc_layers] + [(layer, cls_std) for layer in cls_layers]:
-        out = outputs[id(layer)] - layer.bias.view(1, -1, 1, 1)
-        scale = target / out.std().clamp(min=1e-30)
+        outs = [o - layer.bias.view(1, -1, 1, 1) for o in outputs[id(layer)]]
+        scale = target / torch.cat([o.flatten() for o in outs]).std().clamp(min=1e-30)
         layer.weight.mul_(scale)
         layer.bias.zero_()
         if layer in cls_layers:   # the new outputs are the old ones times ``scale``: no second forward needed
-            object_logits.append((out * scale).reshape(-1, model.num_classes + 1)[:, 1:].flatten())
+            object_logits += [(o * scale).reshape(-1, model.num_classes + 1)[:, 1:].flatten() for o in outs]
     level = torch.topk(torch.cat(object_logits), confident).values[-1]
     for layer in cls_layers:
         layer.bias.view(-1, model.num_classes + 1)[:, 1:] = -level
@@ -187,7 +211,7 @@ def make_images(seed: int = 0) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module", params=CASES, ids=case_id)
 def exported(request, tmp_path_factory):
-    preset, overrides, binding = request.param
+    preset, overrides, binding, exporter = request.param
     if preset not in preset_names():
         pytest.skip(f"preset {preset!r} is not shipped yet (presets: {', '.join(preset_names())})")
     torch.manual_seed(0)
@@ -202,7 +226,8 @@ def exported(request, tmp_path_factory):
     with torch.no_grad():
         loc, cls_logits = model(detector.preprocess(images))
     pp.score_threshold = cfg.eval.score_threshold = threshold_in_gap(pp.scores(cls_logits))
-    path = export_onnx(model, cfg, class_names, tmp_path_factory.mktemp("onnx") / f"{preset}.onnx")
+    path = export_onnx(model, cfg, class_names, tmp_path_factory.mktemp("onnx") / f"{preset}.onnx",
+                       exporter=exporter)
     onnx_detector = OnnxDetector(path, threads=2, spin=False)   # shared test machines: no busy-waiting
     if pp.max_per_image is None:   # the graph has a fixed K: it equals the PostProcessor capped at K
         pp.max_per_image = onnx_detector.max_detections
@@ -210,10 +235,10 @@ def exported(request, tmp_path_factory):
     sizes = [tuple(im.shape[-2:]) for im in images]
     expected = pp(loc, cls_logits, model.anchors_cxcywh, sizes)
     return dict(cfg=cfg, model=model, detector=detector, onnx=onnx_detector, images=images, expected=expected,
-                path=path, raw=(loc, cls_logits), sizes=sizes, binding=binding)
+                path=path, raw=(loc, cls_logits), sizes=sizes, binding=binding, exporter=exporter)
 
 
-def test_onnxruntime_equals_pytorch_batch_4_and_1(exported):
+def test_onnxruntime_equals_pytorch_batch_3_and_1(exported):
     expected, images = exported["expected"], exported["images"]
     counts = [len(e["scores"]) for e in expected]
     assert all(c >= 2 for c in counts), f"degenerate test inputs: {counts} detections"
@@ -222,25 +247,35 @@ def test_onnxruntime_equals_pytorch_batch_4_and_1(exported):
         uncapped = dataclasses.replace(pp, **{cap: 10**6})(loc, cls_logits, exported["model"].anchors_cxcywh, sizes)
         assert [u["scores"].tolist() for u in uncapped] != [e["scores"].tolist() for e in expected], \
             f"{cap} does not bind on the test inputs"
-    assert_same_detections(expected, exported["onnx"].predict(images, batch_size=4))
-    assert_same_detections(expected[:2], exported["onnx"].predict(images[:2], batch_size=1))
+    assert_same_detections(expected, exported["onnx"].predict(images, batch_size=3))   # batches of 3 and 1
 
 
-def test_graph_is_opset_17_with_dynamic_batch_and_fixed_outputs(exported):
+def test_graph_interface_dynamic_batch_and_fixed_outputs(exported):
+    """The documented interface, whichever exporter wrote it: names, dtypes, shapes, metadata keys; the opset is
+    the exporter's default (17 TorchScript, 18 dynamo)."""
     proto = onnx.load(str(exported["path"]), load_external_data=False)
-    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    opset = DYNAMO_OPSET if exported["exporter"] == "dynamo" else OPSET
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == opset
+    assert {o.domain for o in proto.opset_import} <= {"", "ai.onnx"}, "no custom domains left in the graph"
     assert "NonMaxSuppression" in {node.op_type for node in proto.graph.node}
     k = exported["onnx"].max_detections
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in proto.graph.output}
+    assert list(shapes) == ["boxes", "scores", "labels", "num_detections"]
     assert shapes["boxes"][1:] == [k, 4] and shapes["scores"][1:] == [k] and shapes["labels"][1:] == [k]
     assert isinstance(shapes["boxes"][0], str) and len(shapes["num_detections"]) == 1
+    assert len({shape[0] for shape in shapes.values()}) == 1, "one batch axis for all outputs"
+    T = onnx.TensorProto
+    assert [v.type.tensor_type.elem_type for v in proto.graph.output] == [T.FLOAT, T.FLOAT, T.INT64, T.INT64]
     # uint8 input, except for presets that resize like torchvision (float image, no antialiasing): float32.
-    lossless = onnx.TensorProto.FLOAT if getattr(exported["cfg"].data, "resize", "") == "torchvision" else \
-        onnx.TensorProto.UINT8
+    lossless = T.FLOAT if getattr(exported["cfg"].data, "resize", "") == "torchvision" else T.UINT8
+    assert [i.name for i in proto.graph.input] == ["images"]
     assert proto.graph.input[0].type.tensor_type.elem_type == lossless
     meta = {p.key: p.value for p in proto.metadata_props}
+    assert set(meta) == {"multibox.config", "multibox.class_names", "multibox.category_ids", "multibox.postprocess",
+                         "multibox.max_detections", "multibox.input", "multibox.resize"}
     assert json.loads(meta["multibox.class_names"])[0] == "background"
     assert json.loads(meta["multibox.config"])["model"]["arch"] == exported["cfg"].model.arch
+    assert not any(node.metadata_props for node in proto.graph.node), "per-node metadata (stack traces) left"
 
 
 def test_padding_and_eager_module_agree_with_graph(exported):
@@ -268,7 +303,8 @@ def test_padding_and_eager_module_agree_with_graph(exported):
                            as_dicts(boxes, scores, labels, counts.tolist()))
 
 
-def test_nms_op_semantics_match_the_reference(tmp_path):
+@pytest.mark.parametrize("exporter", EXPORTER_NAMES)
+def test_nms_op_semantics_match_the_reference(tmp_path, exporter):
     """onnxruntime's NonMaxSuppression, as exported, against multiclass_nms_indices: strict score threshold,
     suppression only above the IoU threshold, per-class cap, output order (batch, class, descending score)."""
     boxes = torch.tensor([[[0, 0, 1, 1], [0, 0, 1, 0.5], [0.5, 0.5, 0.6, 0.6], [0.52, 0.5, 0.62, 0.6]]] * 2,
@@ -282,7 +318,7 @@ def test_nms_op_semantics_match_the_reference(tmp_path):
             self.iou = iou
 
         def forward(self, b, s):
-            return _NonMaxSuppression.apply(b, s, 2, self.iou, 0.5)
+            return multiclass_nms(b, s, 2, self.iou, 0.5)
 
     # By hand: IoU(0, 1) = 0.5 exactly, IoU(2, 3) = 2/3, the other pairs barely overlap; scores must be > 0.5
     # (image 0 class 0's 0.5 is out, image 1 class 0's 0.5000001 in); at most 2 per class.
@@ -290,20 +326,75 @@ def test_nms_op_semantics_match_the_reference(tmp_path):
                0.49: [[0, 0, 0], [0, 1, 1], [0, 1, 3], [1, 0, 3], [1, 0, 1]]}
     for iou, want in by_hand.items():
         path = tmp_path / f"nms_{iou}.onnx"
-        torchscript_onnx_export(Op(iou), (boxes, scores), path, ["b", "s"], ["sel"])
+        if exporter == "dynamo":
+            onnx.save(dynamo_onnx_export(Op(iou).eval(), (boxes, scores), ["b", "s"], ["sel"],
+                                         dynamic_batch=False), path)
+        else:
+            torchscript_onnx_export(Op(iou).eval(), (boxes, scores), path, ["b", "s"], ["sel"])
+        assert [n.op_type for n in onnx.load(str(path)).graph.node].count("NonMaxSuppression") == 1
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = session.run(None, {"b": boxes.numpy(), "s": scores.numpy()})[0]
         assert got.tolist() == want
         assert multiclass_nms_indices(boxes, scores, 2, iou, 0.5).tolist() == want
+        assert Op(iou)(boxes, scores).tolist() == want   # the eager custom op
 
 
-def test_raw_export_and_onnx_detector_on_it(tmp_path):
+def test_dynamo_graph_converted_to_opset_17_keeps_its_reductions(tmp_path):
+    """opset=17 with the dynamo exporter: onnx's converter leaves opset 18's noop_with_empty_axes on Reduce nodes
+    (ReduceL2 is SSD300's L2Norm, ReduceMean SSDLite's squeeze-excite); without it the graph is valid and exact."""
+
+    class Reductions(nn.Module):
+        def forward(self, x):
+            return x / torch.linalg.vector_norm(x, dim=1, keepdim=True) + x.mean(dim=(2, 3), keepdim=True)
+
+    x = torch.rand(2, 3, 5, 4)
+    proto = dynamo_onnx_export(Reductions().eval(), (x,), ["x"], ["y"], opset=17)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 17
+    reductions = [n for n in proto.graph.node if n.op_type.startswith("Reduce")]
+    assert {n.op_type for n in reductions} == {"ReduceL2", "ReduceMean"}
+    assert all("noop_with_empty_axes" not in [a.name for a in n.attribute] for n in reductions)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, tmp_path / "r.onnx")
+    session = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    x3 = torch.rand(3, 3, 5, 4)   # another batch size: the axis stayed dynamic
+    np.testing.assert_allclose(session.run(None, {"x": x3.numpy()})[0], Reductions()(x3).numpy(), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_exporter_choice(monkeypatch, caplog):
+    """exporter=None is dynamo exactly where nothing speaks against it; otherwise TorchScript, with the reason
+    logged; an explicit dynamo that cannot run, or an unknown exporter, is a one-line error."""
+    import multibox.export.onnx as export_module
+
+    expected = "dynamo" if dynamo_unavailable_reason(for_default=True) is None else "torchscript"
+    assert default_exporter() == resolve_exporter(None) == expected
+    monkeypatch.setattr(export_module.torch, "__version__", "2.4.1+cpu")
+    with caplog.at_level("INFO", logger="multibox.export"):
+        assert resolve_exporter(None) == "torchscript"
+    assert "torch 2.4.1+cpu is older than 2.14" in caplog.text
+    with pytest.raises(OnnxExportError, match="older than 2.6"):
+        resolve_exporter("dynamo")
+    assert resolve_exporter("torchscript") == "torchscript"
+    monkeypatch.setattr(export_module.torch, "__version__", "2.10.1")   # 2.10 > 2.6 but < 2.14: not as the default
+    assert resolve_exporter("dynamo") == "dynamo" and resolve_exporter(None) == "torchscript"
+    monkeypatch.setattr(export_module.torch, "__version__", "2.14.0a0+git1234")   # a pre-release counts as 2.14
+    assert dynamo_unavailable_reason(for_default=True) in (None, "onnxscript is not installed (pip install onnxscript)")
+    with pytest.raises(ValueError, match="exporter must be one of dynamo, torchscript"):
+        resolve_exporter("tensorrt")
+
+
+@pytest.mark.parametrize("exporter", EXPORTER_NAMES)
+def test_raw_export_and_onnx_detector_on_it(tmp_path, exporter):
     torch.manual_seed(1)
     cfg = load_config("tiny", ["model.num_classes=4"])
     model = build_model(cfg).eval()
     names = ["background", "a", "b", "c", "d"]
-    path = export_onnx(model, cfg, names, tmp_path / "raw.onnx", postprocess=False, input_dtype="float32")
-    images = make_images(1)[:2]
+    path = export_onnx(model, cfg, names, tmp_path / "raw.onnx", postprocess=False, input_dtype="float32",
+                       exporter=exporter)
+    proto = onnx.load(str(path))
+    assert [v.name for v in proto.graph.output] == ["loc", "cls_logits", "anchors_cxcywh"]
+    assert proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param   # dynamic batch
+    images = make_images(1)[:3]   # a batch of 3: not the export example's 2
     raw = OnnxDetector(path)
     assert not raw.has_postprocess and raw.input_dtype == np.float32
     batch = torch.stack([resize_for_model(im, 300) for im in images])

@@ -3,3 +3,5 @@ process (SPEC §5)."""
 
 # The bench's lines (multibox.bench.suite), here without torch: ``multibox bench --help`` lists them.
 LINES = ("train_step", "train_e2e", "infer_e2e", "infer_jpeg", "augment", "eval", "data")
+# The backends of ``multibox bench --backends`` (multibox.bench.backends).
+BACKENDS = ("torch", "torch-bf16", "onnx", "onnx-int8", "openvino", "openvino-int8")

@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from multibox.bench import LINES
+from multibox.bench import BACKENDS, LINES
 from multibox.config import Config, load_config, preset_names
 from multibox.runtime import PRECISIONS, autocast
 from multibox.core.matching import pad_targets
@@ -640,7 +640,7 @@ class BenchOptions:
     """What ``multibox bench`` measures and how (its options, one field each); None: the default of the device,
     filled in by :meth:`resolved`. ``precision`` and ``only`` are comma-separated lists, as on the command line."""
 
-    device: str | None = None              # default: cuda when there is one, else cpu
+    device: str | None = None              # default: cuda when there is one (and no backends), else cpu
     preset: str | None = None              # default: the arch's own preset (tiny: ssd300-vgg16's settings)
     arch: str = "ssd300_vgg16"             # tiny or any preset's model.arch
     precision: str | None = None           # cuda: bf16,fp32; cpu: fp32
@@ -659,13 +659,17 @@ class BenchOptions:
     compile: bool = False
     profile: bool = False
     threads: int | None = None             # cpu 1 (README's table), cuda 0; 0: torch's default
-    only: str | None = None                # default: every line of LINES
+    only: str | None = None                # default: every line of LINES (none with backends)
     workdir: str | None = None
+    backends: str | None = None            # comma-separated BACKENDS: the table of multibox.bench.backends
+    checkpoint: str | None = None          # backends: the weights (default: random, the arch's twin's)
+    data: str | None = None                # backends: AP on its evaluation split (needs checkpoint)
 
     def resolved(self) -> "BenchOptions":
         """A copy with the device's defaults in place of the None fields; :class:`InputError` on unknown precisions
         or lines."""
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # --backends is a CPU table: the CPU unless told otherwise
+        device = self.device or ("cuda" if torch.cuda.is_available() and not self.backends else "cpu")
         cuda = device.startswith("cuda")
         precision = self.precision or ("bf16,fp32" if cuda else "fp32")
         unknown = set(precision.split(",")) - set(PRECISIONS)
@@ -674,6 +678,13 @@ class BenchOptions:
         unknown = set(self.only.split(",")) - set(LINES) if self.only else set()
         if unknown:
             raise InputError(f"unknown --only lines {sorted(unknown)}; choose from {', '.join(LINES)}")
+        unknown = [b for b in self.backends.split(",") if b not in BACKENDS] if self.backends is not None else []
+        if unknown or self.backends == "":
+            raise InputError(f"unknown --backends {unknown}; choose from {', '.join(BACKENDS)}")
+        if (self.checkpoint or self.data) and not self.backends:
+            raise InputError("--checkpoint and --data belong to --backends")
+        if self.data and not self.checkpoint:
+            raise InputError("--data measures AP, which needs a trained --checkpoint")
         train_batch = self.train_batch or (64 if cuda else 4)
         return replace(
             self, device=device, precision=precision, train_batch=train_batch,
@@ -713,7 +724,7 @@ def run(options: BenchOptions) -> list[dict]:
             rows.append({**r, **extra})
             logger.info(format_line(rows[-1]))
 
-    only = set(o.only.split(",")) if o.only else set(LINES)
+    only = set(o.only.split(",")) if o.only else (set() if o.backends else set(LINES))
     for precision in o.precision.split(","):
         amp = PRECISIONS[precision]
         if "train_step" in only:
@@ -743,7 +754,8 @@ def run(options: BenchOptions) -> list[dict]:
 def bench_report(options: BenchOptions) -> dict:
     """Run the bench: ``device``, ``threads`` (torch's CPU threads during the run), ``title`` (for
     :func:`format_table`, naming both), ``torch`` and ``torchvision`` versions, ``args`` (the resolved options),
-    ``rows`` and, with ``options.profile``, ``profile`` (operator tables by part).
+    ``rows`` and, with ``options.profile``, ``profile`` (operator tables by part); ``options.backends`` is
+    :func:`multibox.bench.backends.backends_report`'s (which uses this module's helpers).
 
     ``options.threads`` sets torch's CPU threads for the run; the process's setting is restored afterwards."""
     import torchvision
@@ -759,8 +771,10 @@ def bench_report(options: BenchOptions) -> dict:
         title = f"multibox bench on {name}, {threads} thread{'' if threads == 1 else 's'} (torch " \
                 f"{torch.__version__}, torchvision {torchvision.__version__}, arch {options.arch} against " \
                 f"torchvision's {reference_name(options.arch)})"
-        only = options.only.split(",") if options.only else LINES
-        logger.info("%s: measuring %s", title, ", ".join(line for line in LINES if line in only))
+        only = options.only.split(",") if options.only else ([] if options.backends else LINES)
+        logger.info("%s: measuring %s", title, ", ".join([line for line in LINES if line in only]
+                                                         + ([f"backends {options.backends}"] if options.backends
+                                                            else [])))
         report = {"device": name, "threads": threads, "title": title, "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "args": asdict(options), "rows": run(options)}
         if options.profile:

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from multibox.bench import LINES
+from multibox.bench import BACKENDS, LINES
 from multibox.cli import command_help
 
 
@@ -47,21 +47,41 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "README's table; torch's default on cuda; 0: torch's default). On a shared machine keep 1: "
                         "OpenMP threads waiting for a descheduled sibling make multi-threaded timings meaningless")
     p.add_argument("--only", help="comma-separated subset of " + ",".join(LINES))
-    p.add_argument("--workdir", default=None, help="folder for the temporary datasets (default: the system's)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated deployment backends, one table on the CPU, each against torchvision's eager "
+                        "fp32 model on the same weights, end to end from 8 JPEGs (AP with --data, ms at batch 1, "
+                        "img/s at batch 8, file size, time per stage): " + ",".join(BACKENDS) + " (alone it runs no "
+                        "other line; add --only for those)")
+    p.add_argument("--checkpoint", default=None,
+                   help="--backends: a trained checkpoint (its arch and config; default: random weights of --arch, "
+                        "its torchvision twin's where there is one)")
+    p.add_argument("--data", default=None,
+                   help="--backends: COCO JSON, VOC folder or shards: AP of every backend on its evaluation split "
+                        "(needs --checkpoint); the INT8 export is calibrated on it and refused past its accuracy "
+                        "gate (default: no AP, INT8 calibrated on the bench's JPEGs)")
+    p.add_argument("--workdir", default=None,
+                   help="folder for the temporary datasets and exported models (default: the system's)")
     p.add_argument("--out", default="bench.json", help="the JSON report (default: %(default)s)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from multibox.bench.backends import backends_report, format_backends_table
     from multibox.bench.suite import BenchOptions, bench_report, format_table
 
     options = vars(args).copy()
     out = options.pop("out")
     del options["command"]
     options["pipelines"] = options["pipelines"].split(",") if options["pipelines"] else None
-    report = bench_report(BenchOptions(**options))
+    resolved = BenchOptions(**options).resolved()
+    report = bench_report(resolved)
+    if resolved.backends:
+        report["backends"] = backends_report(resolved)
     report["args"]["out"] = out   # the report records where it was saved, as every option
-    print("\n" + format_table(report["rows"], report["title"]))   # after the log line of each row
+    if report["rows"]:
+        print("\n" + format_table(report["rows"], report["title"]))   # after the log line of each row
+    if "backends" in report:
+        print("\n" + format_backends_table(report["backends"]))
     for what, table in report.get("profile", {}).items():
         print(f"\nprofile: multibox {what}\n{table}")
     Path(out).write_text(json.dumps(report, indent=1))

@@ -19,7 +19,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image-root", help="folder the COCO file names are relative to")
     p.add_argument("--split", help="VOC: ImageSets/Main split to check (default: every XML)")
     p.add_argument("--no-images", action="store_true", help="check annotations only, do not decode images")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--workers", type=int, default=0, help="image-checking processes (default: 0 = every core)")
+    p.add_argument("--full-decode", action="store_true",
+                   help="decode JPEGs at full size (default: at 1/8 scale, which reads and checks the same data)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="images whose header declares more pixels are reported (oversized_image), not decoded "
                         "(default: 8192x8192, as data.max_image_pixels; 0 = no limit)")
@@ -30,9 +33,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from multibox.data.validate import check_dataset
+    from multibox.io import progress_bar
 
-    report = check_dataset(args.src, args.image_root, args.split, images=not args.no_images, workers=args.workers,
-                           max_pixels=args.max_image_pixels or None)
+    with progress_bar(total=0, enabled=not args.no_progress, desc="checking images", unit="img") as bar:
+        def show(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        report = check_dataset(args.src, args.image_root, args.split, images=not args.no_images,
+                               workers=args.workers, max_pixels=args.max_image_pixels or None, progress=show,
+                               full_decode=args.full_decode)
     shown = report.problems if args.max_print is None else report.problems[: args.max_print]
     for p in shown:
         print(p)

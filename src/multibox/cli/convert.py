@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--instances", help="MindRecord source: the matching COCO instances JSON (class names, files)")
     p.add_argument("--images-per-shard", type=int, default=1000,
                    help="images per Arrow shard file (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2, help="reading / decoding threads")
+    p.add_argument("--workers", type=int, default=0, help="image-checking processes (default: 0 = every core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-check", action="store_true", help="do not decode images while packing")
     return p
 
@@ -30,9 +31,15 @@ def run(args: argparse.Namespace) -> int:
     """Pack the source; exit status 3 (``EXIT_SKIPPED``) when anything was left out (each kind or image named in
     a warning while converting, summed up here), else 0."""
     from multibox.data.shards import convert_source
+    from multibox.io import progress_bar
 
-    manifest = convert_source(args.src, args.out, args.image_root, args.split, args.instances, args.images_per_shard,
-                              not args.no_check, args.workers, progress=True)
+    with progress_bar(total=0, enabled=not args.no_progress, desc="packing", unit="img") as bar:
+        def show(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        manifest = convert_source(args.src, args.out, args.image_root, args.split, args.instances,
+                                  args.images_per_shard, not args.no_check, args.workers, progress=True,
+                                  on_progress=show)
     counts = manifest["counts"]
     print(f"{args.out}: {len(manifest['shards'])} shards ({manifest['_written']} written, {manifest['_reused']} "
           f"already done), {counts['images']} images, {counts['annotations']} annotations, "

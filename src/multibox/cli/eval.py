@@ -1,4 +1,5 @@
-"""``multibox eval``: COCO evaluation of a checkpoint, with eval.json and the HTML report.
+"""``multibox eval``: COCO evaluation of a checkpoint or of an exported ONNX model, with eval.json and the HTML
+report (an ONNX file's metadata holds the config, class names and category ids: it evaluates as its checkpoint).
 
 Beside the checkpoint: ``eval.json`` and the report for its own evaluation split, ``eval-<data>.json`` and the
 folder ``eval-<data>/`` for other data (:func:`multibox.evaluation.provenance.eval_destination`); ``--out DIR``:
@@ -17,7 +18,8 @@ from multibox.cli.common import add_inference_arguments
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help=command_help("eval"))
-    p.add_argument("--checkpoint", required=True, help="the multibox checkpoint (.pt) to evaluate")
+    p.add_argument("--checkpoint", required=True,
+                   help="the multibox checkpoint (.pt) or exported model (.onnx, `multibox export`) to evaluate")
     p.add_argument("--data", help="COCO annotation JSON, VOC folder or shards (default: the checkpoint's evaluation "
                                   "split)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -26,6 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                  "for its own evaluation split, eval-<data>.json and eval-<data>/ for other data)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i] (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--runtime", choices=["auto", "onnxruntime", "openvino"], default="auto",
+                   help="runtime of an .onnx model (default: %(default)s: the fastest here)")
     add_inference_arguments(p)
     return p
 
@@ -59,19 +63,60 @@ def _destination(args: argparse.Namespace, cfg, own, splits, checkpoint: dict) -
     return json_path, report_dir
 
 
+def _onnx_payload(args: argparse.Namespace):
+    """(detector, the payload fields eval needs: config, class_names, category_ids) of an .onnx model."""
+    from multibox.errors import InputError
+    from multibox.inference.onnx import load_onnx
+
+    if args.precision not in (None, "auto") or args.compile:
+        raise InputError(f"{args.checkpoint}: --precision and --compile apply to checkpoints; an exported model "
+                         f"runs as it was exported")
+    fixed = [a for a in args.set if a.startswith("eval.") and not a.startswith(("eval.batch_size=", "eval.backend="))]
+    if fixed:
+        raise InputError(f"{args.checkpoint}: --set {fixed[0]}: an exported model's thresholds are fixed in its "
+                         f"graph (export again with other eval.* settings)")
+    kwargs = {} if args.runtime == "auto" else {"runtime": args.runtime}
+    detector = load_onnx(args.checkpoint, device=args.device, **kwargs)
+    return detector, {"config": detector.cfg.to_dict(), "class_names": detector.class_names,
+                      "category_ids": detector.category_ids}
+
+
+def _evaluate(args: argparse.Namespace, cfg, payload: dict, detector, splits, category_map):
+    """(result, COCO detections) of the checkpoint (``detector`` None) or the exported model."""
+    from multibox.evaluation.evaluate import evaluate_model
+    from multibox.models import model_from_state_dict
+    from multibox.runtime import prepare_for_inference, resolve_device
+
+    if detector is not None:
+        from multibox.inference.onnx_eval import evaluate_onnx
+
+        detector.cfg = cfg   # --set data.* / eval.batch_size: how the images are read and batched
+        return evaluate_onnx(detector, splits, progress=not args.no_progress, return_detections=True,
+                             label_to_category_id=category_map)
+    device = resolve_device(args.device)
+    model = model_from_state_dict(cfg, payload["model"])
+    return evaluate_model(cfg, prepare_for_inference(model, cfg, device), splits, device,
+                          progress=not args.no_progress, return_detections=True, label_to_category_id=category_map)
+
+
 def run(args: argparse.Namespace) -> int:
     from multibox.checkpoint import load_checkpoint
     from multibox.data.build import build_splits
     from multibox.data.categories import category_ids_of
     from multibox.errors import InputError
     from multibox.evaluation.coco import format_per_class_table, write_eval_json
-    from multibox.evaluation.evaluate import category_map_by_name, evaluate_model
+    from multibox.evaluation.evaluate import category_map_by_name
     from multibox.evaluation.provenance import checkpoint_record, eval_provenance
     from multibox.evaluation.report import write_eval_report
-    from multibox.models import model_from_state_dict
-    from multibox.runtime import prepare_for_inference, resolve_device
+    from multibox.inference.detector import model_format
 
-    payload = load_checkpoint(args.checkpoint)
+    detector = None
+    if model_format(args.checkpoint) == "onnx":
+        detector, payload = _onnx_payload(args)
+    else:
+        if args.runtime != "auto":
+            raise InputError(f"{args.checkpoint}: --runtime applies to exported (.onnx) models")
+        payload = load_checkpoint(args.checkpoint)
     cfg, own = _configs(args, payload["config"])
     splits = build_splits(cfg)
     # A checkpoint's labels name its training data's categories: matched to the evaluated data's by (name, id),
@@ -83,11 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(err)) from None
     checkpoint = checkpoint_record(args.checkpoint, payload.get("epoch"))
     json_path, report_dir = _destination(args, cfg, own, splits, checkpoint)
-    device = resolve_device(args.device)
-    model = model_from_state_dict(cfg, payload["model"])
-    result, detections = evaluate_model(cfg, prepare_for_inference(model, cfg, device), splits, device,
-                                        progress=not args.no_progress, return_detections=True,
-                                        label_to_category_id=category_map)
+    result, detections = _evaluate(args, cfg, payload, detector, splits, category_map)
     print(result.summary)
     print(format_per_class_table(result.per_class))
     provenance = eval_provenance(cfg, splits, result, checkpoint)

@@ -1,10 +1,11 @@
-"""``multibox export``: a checkpoint to ONNX (see :mod:`multibox.export.onnx` for the graph)."""
+"""``multibox export``: a checkpoint to ONNX (see :mod:`multibox.export.onnx` for the graph); ``--int8``: static
+INT8 with an accuracy gate (see :mod:`multibox.export.quantize`)."""
 from __future__ import annotations
 
 import argparse
 
 from multibox.cli import command_help
-from multibox.export import DEFAULT_MAX_DETECTIONS, INPUT_DTYPE_NAMES, OPSET
+from multibox.export import DEFAULT_MAX_DETECTIONS, DYNAMO_OPSET, EXPORTER_NAMES, INPUT_DTYPE_NAMES, OPSET
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,24 +23,83 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"detections per image K (default: eval.max_per_image, else {DEFAULT_MAX_DETECTIONS})")
     p.add_argument("--input-dtype", choices=sorted(INPUT_DTYPE_NAMES),
                    help="graph input dtype (default: uint8, or float32 for data.resize = torchvision presets)")
-    p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=None,
+                   help=f"ONNX opset version (default: {OPSET} with torchscript, {DYNAMO_OPSET} with dynamo)")
+    p.add_argument("--exporter", choices=EXPORTER_NAMES,
+                   help="torch's ONNX exporter (default: dynamo where it works, see multibox.export.onnx)")
+    q = p.add_argument_group("INT8 (static QDQ quantization; decoding and NMS stay float)")
+    q.add_argument("--int8", action="store_true",
+                   help="quantize the network to INT8, calibrated on --calib-data, refused (non-zero exit, no file) "
+                        "when COCO AP drops by more than 1%% relative")
+    q.add_argument("--calib-data", metavar="DATA",
+                   help="calibration images: a COCO JSON, VOC folder, shard folder or a folder of images; annotated "
+                        "data is calibrated on its training split and gated on its evaluation split")
+    q.add_argument("--calib-images", type=int, default=None, metavar="N",
+                   help="images to calibrate on (default: %d)" % _default_calib_images())
+    q.add_argument("--val-data", metavar="DATA", help="annotated data to gate on (every image of it) instead of "
+                                                     "--calib-data's evaluation split")
+    q.add_argument("--force", action="store_true", help="write the INT8 model without the accuracy gate")
     return p
+
+
+def _default_calib_images() -> int:
+    # The one number of multibox.export.quantize the help shows; kept in step by tests/export/test_quantize.py
+    # (importing the module would pull onnxruntime into `multibox export --help`).
+    return 64
+
+
+def _run_int8(args: argparse.Namespace, export_kwargs: dict) -> int:
+    from multibox.errors import InputError
+    from multibox.export.quantize import DEFAULT_CALIB_IMAGES, export_int8
+
+    if not args.calib_data:
+        raise InputError("--int8 needs --calib-data DATA (the images to calibrate the INT8 ranges on)")
+    report = export_int8(args.checkpoint, args.out, args.calib_data,
+                         calib_images=args.calib_images or DEFAULT_CALIB_IMAGES, val_data=args.val_data,
+                         force=args.force, **export_kwargs)
+    size_mb = report.path.stat().st_size / 2**20
+    if report.gated:
+        accuracy = (f"AP {report.ap_float:.4f} -> {report.ap_int8:.4f} INT8 "
+                    + (f"({report.relative_change:+.2%})" if report.relative_change is not None else "")
+                    + f" on {report.gate_data}")
+    else:
+        accuracy = "accuracy gate skipped (--force)" if args.force else "accuracy gate not run (no annotations)"
+    kept = report.keep_float
+    names = ", ".join(kept[:4]) + (f", +{len(kept) - 4} more" if len(kept) > 4 else "")
+    print(f"wrote {report.path} ({size_mb:.1f} MiB, INT8, {report.calib_images} calibration images); {accuracy}; "
+          f"{report.int8_convs} int8 / {report.float_convs} float convolutions; {len(kept)} layers kept in float"
+          + (f" ({names}; all in the metadata's multibox.quantization)" if kept else ""))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     import numpy as np
+    import onnx
 
+    from multibox.errors import InputError
     from multibox.export.onnx import export_checkpoint
     from multibox.inference.onnx import OnnxDetector
 
-    path = export_checkpoint(args.checkpoint, args.out, postprocess=not args.no_postprocess,
-                             max_detections=args.max_det, input_dtype=args.input_dtype, opset=args.opset)
+    export_kwargs = {"postprocess": not args.no_postprocess, "max_detections": args.max_det,
+                     "input_dtype": args.input_dtype, "opset": args.opset}
+    if args.exporter:
+        export_kwargs["exporter"] = args.exporter
+    if args.int8:
+        return _run_int8(args, export_kwargs)
+    for option in ("calib_data", "calib_images", "val_data"):
+        if getattr(args, option) is not None:
+            raise InputError(f"--{option.replace('_', '-')} applies to --int8 exports only")
+    if args.force:
+        raise InputError("--force applies to --int8 exports only (it skips their accuracy gate)")
+    path = export_checkpoint(args.checkpoint, args.out, **export_kwargs)
     size_mb = path.stat().st_size / 2**20
     kind = "raw outputs (loc, cls_logits, anchors_cxcywh)" if args.no_postprocess else \
         "boxes, scores, labels, num_detections"
-    detector = OnnxDetector(path)   # read back: the input the graph really has
+    detector = OnnxDetector(path, runtime="onnxruntime")   # read back: the input the graph really has
     size = detector.image_size
-    print(f"wrote {path} ({size_mb:.1f} MiB, opset {args.opset}); input: images (N, 3, {size}, {size}) "
+    opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx"))
+    print(f"wrote {path} ({size_mb:.1f} MiB, opset {opset}); input: images (N, 3, {size}, {size}) "
           f"{np.dtype(detector.input_dtype).name}, 0..255, resized to {size}x{size} ({detector.resize}); "
           f"outputs: {kind}")
     return 0

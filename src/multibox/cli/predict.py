@@ -15,9 +15,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "predict", help=command_help("predict"),
         description="Detect objects in images, folders and videos with a checkpoint (PyTorch) or an exported ONNX "
-                    "model (onnxruntime). Inputs are named by their path relative to the deepest folder holding "
-                    "them all. Writes OUT/detections.json (COCO results; category_id = the training data's own "
-                    "category id, which the model stores; image_id = the image's relative path, "
+                    "model (onnxruntime or OpenVINO). Inputs are named by their path relative to the deepest "
+                    "folder holding them all. Writes OUT/detections.json (COCO results; category_id = the "
+                    "training data's own category id, which the model stores; image_id = the image's relative path, "
                     "e.g. 'a/img.jpg', or '<relative video path>#<frame>' for a video frame, which adds 'video', "
                     "'frame' and 'time'; 'file' = the input as found), OUT/images/<relative path>.png and "
                     "OUT/videos/<relative path>.mp4. Inputs that cannot be read are skipped, each named in a "
@@ -25,8 +25,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a multibox checkpoint (.pt) or an exported model (.onnx)")
     p.add_argument("inputs", nargs="+", help="image files, video files or folders (searched recursively)")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
-                   help="auto: onnxruntime for an exported ONNX model, else torch")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnxruntime"],
+                   help="auto: onnx for an exported ONNX model (run by --runtime), else torch; onnxruntime: onnx "
+                        "with --runtime onnxruntime")
+    p.add_argument("--runtime", choices=["auto", "onnxruntime", "openvino"],
+                   help="the runtime of an exported ONNX model (default: auto = OpenVINO on the CPU where it is "
+                        "installed, else onnxruntime); not for checkpoints")
     p.add_argument("--score", type=float,
                    help=f"score threshold of the boxes drawn and listed (default: {DISPLAY_SCORE_TEXT}, or the "
                         f"model's eval.score_threshold where higher; `multibox eval` keeps the model's own, lower "
@@ -37,8 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-det", type=int, help="at most this many detections per image")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
     p.add_argument("--device", default="auto",
-                   help="auto | cpu | cuda[:i] (onnxruntime backend: auto = cpu; cuda needs onnxruntime-gpu)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+                   help="auto | cpu | cuda[:i] (ONNX models: auto = cpu; cuda needs onnxruntime-gpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="threads of an ONNX model's runtime (0 = its default: one per physical core)")
     add_inference_arguments(p)
     p.add_argument("--no-draw", action="store_true", help="write detections.json only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from multibox.inference.predict import load_detector, run_predict
 
-    detector = load_detector(args.checkpoint, args.backend, args.device, args.threads, args.precision, args.compile)
+    detector = load_detector(args.checkpoint, args.backend, args.device, args.threads, args.precision, args.compile,
+                             runtime=args.runtime)
     summary = run_predict(detector, args.inputs, args.out, score=args.score, classes=args.classes,
                           max_det=args.max_det, batch_size=args.batch_size, progress=not args.no_progress,
                           draw=not args.no_draw)

@@ -37,7 +37,6 @@ import logging
 import os
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,7 +44,8 @@ import numpy as np
 import pyarrow as pa
 
 from multibox.core.boxes import ltwh_to_xyxy
-from multibox.data.coco import DetectionDataset, ImageDecodeError, ImageRecord, decode_image_rgb
+from multibox.data.coco import DetectionDataset, ImageRecord
+from multibox.data.imagecheck import available_cores, decode_cleanly_all, image_check_pool, training_decode_problem
 from multibox.data.policy import CONVERT_DROPS, LoadReport, has_training_box
 from multibox.errors import MultiboxError
 from multibox.io import atomic_path, atomic_write_text, file_sha256, remove_leftover_temporaries
@@ -120,26 +120,46 @@ def is_shard_dir(path: str | os.PathLike) -> bool:
 # --------------------------------------------------------------------------- writing
 
 
+def _list_column(parts: list[np.ndarray], arrow_type: pa.DataType) -> pa.Array:
+    """One list<arrow_type> column from per-row numpy arrays (built in one go: a Python list per row costs ~1 ms
+    per image at COCO scale, more than checking the image)."""
+    offsets = np.zeros(len(parts) + 1, np.int32)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, arrow_type))
+
+
+def _binary_column(blobs: list[bytes]) -> pa.Array:
+    """The image column: one ``b"".join`` wrapped, not ``pa.array(blobs)`` (4x slower here: it faults in its
+    fresh memory page by page)."""
+    offsets = np.zeros(len(blobs) + 1, np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(blobs),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(blobs))])
+
+
 def _shard_table(src: DetectionDataset, indices: list[int], blobs: list[bytes]) -> pa.Table:
-    cols: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for i, blob in zip(indices, blobs):
-        r = src.records[i]
-        ltwh = r.bbox_ltwh
-        xyxy = ltwh_to_xyxy(ltwh)   # float64, as training_target computes it
-        cols["image_id"].append(r.image_id)
-        cols["file_name"].append(r.file_name)
-        cols["width"].append(r.width)
-        cols["height"].append(r.height)
-        cols["image"].append(blob)
-        cols["image_crc32"].append(zlib.crc32(blob))
-        cols["ann_ids"].append(r.ann_ids.tolist())
-        cols["boxes"].append(xyxy.reshape(-1).tolist())
-        cols["bbox_ltwh"].append(ltwh.reshape(-1).tolist())
-        cols["areas"].append(r.areas.tolist())
-        cols["category_ids"].append(r.category_ids.tolist())
-        cols["labels"].append([src.category_id_to_label[int(c)] for c in r.category_ids])
-        cols["crowd"].append(r.crowd.tolist())
-    return pa.table(cols, schema=SCHEMA)
+    records = [src.records[i] for i in indices]
+    ltwh = [r.bbox_ltwh.reshape(-1, 4) for r in records]
+    to_label = src.category_id_to_label
+    columns = {
+        "image_id": pa.array([r.image_id for r in records], pa.int64()),
+        "file_name": pa.array([r.file_name for r in records], pa.string()),
+        "width": pa.array([r.width for r in records], pa.int32()),
+        "height": pa.array([r.height for r in records], pa.int32()),
+        "image": _binary_column(blobs),
+        "image_crc32": pa.array([zlib.crc32(b) for b in blobs], pa.uint32()),
+        "ann_ids": _list_column([r.ann_ids.astype(np.int64) for r in records], pa.int64()),
+        # float64, as training_target computes it (elementwise: the same bits as one box at a time)
+        "boxes": _list_column([ltwh_to_xyxy(b).reshape(-1) for b in ltwh], pa.float64()),
+        "bbox_ltwh": _list_column([b.reshape(-1) for b in ltwh], pa.float64()),
+        "areas": _list_column([r.areas.astype(np.float64) for r in records], pa.float64()),
+        "category_ids": _list_column([r.category_ids.astype(np.int64) for r in records], pa.int64()),
+        "labels": _list_column([np.array([to_label[int(c)] for c in r.category_ids.tolist()], np.int64)
+                                for r in records], pa.int64()),
+        "crowd": _list_column([r.crowd.astype(bool) for r in records], pa.bool_()),
+    }
+    return pa.Table.from_arrays([columns[name] for name in SCHEMA.names], schema=SCHEMA)
 
 
 def _write_shard(path: Path, table: pa.Table) -> None:
@@ -149,34 +169,100 @@ def _write_shard(path: Path, table: pa.Table) -> None:
 
 
 def _read_checked(src: DetectionDataset, indices: list[int], blobs: Iterator[bytes] | None, check_images: bool,
-                  workers: int) -> list[tuple[int, bytes | None, str | None]]:
-    """(index, bytes or None, reason) per image; decoding with the training decoder when ``check_images``."""
-    def one(item: tuple[int, bytes | None]):
-        i, blob = item
+                  pool, clean: list[bool] | None = None) -> list[tuple[int, bytes | None, str | None]]:
+    """(index, bytes or None, reason) per image: bytes read here; when ``check_images``, vouched for by
+    :func:`multibox.data.imagecheck.decodes_cleanly` (``clean``, one per index, when known; else on ``pool``'s
+    workers, here when None, in chunks), the rest decoded here by the training decoder
+    (:func:`multibox.data.imagecheck.training_decode_problem`)."""
+    read: list[tuple[int, bytes | None, str | None]] = []
+    for i in indices:
+        if blobs is not None:   # a sequential source: its errors are not about one image
+            read.append((i, next(blobs), None))
+            continue
         try:
-            if blob is None:
-                blob = src.read_bytes(i)
-            if check_images:
-                decode_image_rgb(blob, src.describe(i))
-            return i, blob, None
-        except (OSError, ImageDecodeError) as err:
-            return i, None, str(err)
-    items = [(i, next(blobs) if blobs is not None else None) for i in indices]
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, items))
-    return [one(item) for item in items]
+            read.append((i, src.read_bytes(i), None))
+        except OSError as err:
+            read.append((i, None, str(err)))
+    if not check_images:
+        return read
+    if clean is None:
+        todo = [blob for _, blob, _ in read if blob is not None]
+        chunks = [todo[k: k + _CHUNK] for k in range(0, len(todo), _CHUNK)]
+        verdicts = iter([v for vs in (pool or _Serial()).map(decode_cleanly_all, chunks) for v in vs])
+        clean = [next(verdicts) if blob is not None else False for _, blob, _ in read]
+    out = []
+    for (i, blob, why), ok in zip(read, clean):
+        if blob is not None:   # the rare image not vouched for is decoded here, by the training decoder
+            why = training_decode_problem(blob, src.describe(i), ok)
+        out.append((i, None if why is not None else blob, why))
+    return out
+
+
+class _ChecksAhead:
+    """:func:`multibox.data.imagecheck.decodes_cleanly` of a shard's images submitted to the workers ahead of
+    packing it, by path (the workers read the files: no ~75 kB per image pickled through a pipe), so that they
+    check shard k+1 while this process reads, packs and writes shard k. Idle without a pool or image files."""
+
+    def __init__(self, src: DetectionDataset, pool) -> None:
+        self.src, self.pending = src, {}
+        self.pool = pool if callable(getattr(src, "image_path", None)) else None
+
+    def submit(self, key: int, indices) -> None:
+        if self.pool is None or key in self.pending or not len(indices):
+            return
+        paths = []
+        for i in indices:
+            try:
+                paths.append(str(self.src.image_path(i)))
+            except OSError:
+                paths.append("")   # unreadable there too (False); reading it here says why
+        self.pending[key] = [self.pool.submit(decode_cleanly_all, paths[k: k + _CHUNK])
+                             for k in range(0, len(paths), _CHUNK)]
+
+    def take(self, key: int) -> list[bool] | None:
+        futures = self.pending.pop(key, None)
+        return None if futures is None else [v for f in futures for v in f.result()]
+
+    def discard(self, key: int) -> None:
+        for future in self.pending.pop(key, []):
+            future.cancel()
+
+
+class _Serial:
+    map = staticmethod(map)   # the pool interface, run in this process
+
+
+_CHUNK = 32   # images (paths or bytes) per task of a worker: ~60 ms of checking, a moving progress bar
+
+
+def _check_pool(workers: int):
+    """Worker processes for the image checks (0: every core; None when one is asked for); see
+    :func:`multibox.data.imagecheck.image_check_pool` for why processes and ``forkserver``."""
+    workers = available_cores() if workers <= 0 else workers
+    return image_check_pool(workers, picklable=True) if workers > 1 else None
 
 
 def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_per_shard: int = 1000,
-                    check_images: bool = True, workers: int = 2, source_info: dict | None = None,
-                    progress: bool = False) -> dict:
+                    check_images: bool = True, workers: int = 0, source_info: dict | None = None,
+                    progress: bool = False, on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Pack ``src`` into ``out_dir`` (see the module docstring); returns the manifest. Resumes / is idempotent.
 
     ``src`` may define ``iter_bytes(start, stop)`` (sequential sources such as MindRecord); otherwise
-    ``read_bytes(i)`` is used. ``progress``: log each shard written (INFO, logger ``multibox.data.shards``).
+    ``read_bytes(i)`` is used. ``workers``: processes checking images (0: every core). ``progress``: log each shard
+    written (INFO, logger ``multibox.data.shards``); ``on_progress(done, total)``: images packed (or found already
+    packed) so far, after each shard.
     """
-    out = Path(out_dir)
+    pool = _check_pool(workers) if check_images else None
+    try:
+        return _convert(src, Path(out_dir), images_per_shard, check_images, pool, source_info, progress, on_progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _convert(src: DetectionDataset, out: Path, images_per_shard: int, check_images: bool, pool,
+             source_info: dict | None, progress: bool, on_progress) -> dict:
+    """:func:`convert_dataset` with its worker pool (None: check serially)."""
     out.mkdir(parents=True, exist_ok=True)
     n = max(1, int(images_per_shard))
     options = {"version": VERSION, "images_per_shard": n, "check_images": bool(check_images),
@@ -194,25 +280,35 @@ def convert_dataset(src: DetectionDataset, out_dir: str | os.PathLike, images_pe
     sequential = getattr(src, "iter_bytes", None)
     stream = sequential(0, len(src)) if sequential is not None else None
     written = reused = 0
+    ahead = _ChecksAhead(src, pool if check_images and stream is None else None)
+    if on_progress is not None:
+        on_progress(0, len(src))
     for k in range(num_shards):
         indices = list(range(k * n, min((k + 1) * n, len(src))))
         plan = hashlib.sha256((options_digest + "".join(src.content_digest(i) for i in indices)).encode()).hexdigest()
         name = f"shard-{k:05d}.arrow"
         path = out / name
         old = previous.get(name)
+        if on_progress is not None and k:
+            on_progress(k * n, len(src))
         if _reusable(old, plan, path):
             manifest["shards"].append(old)
             reused += 1
+            ahead.discard(k)
             if stream is not None:
                 for _ in indices:
                     next(stream)
             continue
-        entry = _pack_shard(src, indices, stream, check_images, workers, path, plan)
+        ahead.submit(k, indices)
+        ahead.submit(k + 1, range((k + 1) * n, min((k + 2) * n, len(src))))   # checked while this one is packed
+        entry = _pack_shard(src, indices, stream, check_images, pool, path, plan, ahead.take(k))
         manifest["shards"].append(entry)
         written += 1
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))   # progress: resume point
         if progress:
             log.info("  %s: %d images (%d skipped)", name, entry["rows"], len(entry["skipped"]))
+    if on_progress is not None and num_shards:
+        on_progress(len(src), len(src))
     _remove_stale_shards(out, {s["file"] for s in manifest["shards"]})
     manifest["counts"] = _counts(src, manifest["shards"])
     manifest["complete"] = True
@@ -252,9 +348,10 @@ def _reusable(old: dict | None, plan: str, path: Path) -> bool:
 
 
 def _pack_shard(src: DetectionDataset, indices: list[int], stream: Iterator[bytes] | None, check_images: bool,
-                workers: int, path: Path, plan: str) -> dict:
-    """Read (and check) the images ``indices``, write their shard to ``path``; returns its manifest entry."""
-    results = _read_checked(src, indices, stream, check_images, workers)
+                pool, path: Path, plan: str, clean: list[bool] | None = None) -> dict:
+    """Read (and check) the images ``indices``, write their shard to ``path``; returns its manifest entry.
+    ``clean``: :func:`multibox.data.imagecheck.decodes_cleanly` of each image when already known."""
+    results = _read_checked(src, indices, stream, check_images, pool, clean)
     kept = [(i, b) for i, b, _ in results if b is not None]
     skipped = [{"image_id": src.image_ids[i], "file_name": src.records[i].file_name, "reason": why}
                for i, b, why in results if b is None]
@@ -452,7 +549,8 @@ class ShardDataset(DetectionDataset):
 
 def convert_source(src: str, out: str, image_root: str | None = None, split: str | None = None,
                    instances: str | None = None, images_per_shard: int = 1000, check_images: bool = True,
-                   workers: int = 2, keep_difficult: bool = False, progress: bool = False) -> dict:
+                   workers: int = 0, keep_difficult: bool = False, progress: bool = False,
+                   on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Open ``src`` (COCO JSON, VOC folder, or with ``instances`` a tutorial MindRecord file) and convert it."""
     path = Path(src)
     if instances is not None or path.suffix.startswith(".mindrecord") or "mindrecord" in path.name:
@@ -472,4 +570,4 @@ def convert_source(src: str, out: str, image_root: str | None = None, split: str
             info = {"kind": "coco", "path": str(path), "image_root": image_root}
         else:
             raise FileNotFoundError(f"{src}: not a COCO JSON, a VOC folder or a MindRecord file")
-    return convert_dataset(dataset, out, images_per_shard, check_images, workers, info, progress)
+    return convert_dataset(dataset, out, images_per_shard, check_images, workers, info, progress, on_progress)

@@ -48,17 +48,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from multibox.data.coco import (DEFAULT_MAX_IMAGE_PIXELS, CocoFormatError, coco_image_roots, coco_structure_errors,
-                   parse_coco_json)
+# Not multibox.data.coco at import time (it imports torch): the image-checking worker processes import this module,
+# and stay ~600 MB smaller without torch; check_coco imports it when it runs.
+from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
+from multibox.data.imagecheck import available_cores, image_check_pool, inspect_image_bytes
 from multibox.data.policy import (BOX_CLIPPED, BOX_KEPT, BOX_NEGATIVE, BOX_NONFINITE, BOX_OUTSIDE, BOX_ZERO_SIZE,
                                   classify_boxes)
 
@@ -138,17 +138,6 @@ class Report:
 
 # --------------------------------------------------------------------------- images
 
-_MODE_KIND = {"L": "grayscale_image", "LA": "grayscale_image", "1": "grayscale_image", "P": "palette_image",
-              "PA": "palette_image", "RGBA": "rgba_image", "CMYK": "cmyk_image", "I;16": "16bit_image",
-              "I;16B": "16bit_image", "I;16L": "16bit_image", "I": "16bit_image", "F": "16bit_image"}
-
-
-def _png_bit_depth(data: bytes) -> int | None:
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 25 and data[12:16] == b"IHDR":
-        return data[24]
-    return None
-
-
 # Which file name suffixes each PIL format is expected under (a PNG named .jpg is reported, and decoded anyway).
 _FORMAT_SUFFIXES = {
     "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"}, "MPO": {".jpg", ".jpeg", ".mpo"}, "PNG": {".png"},
@@ -158,75 +147,9 @@ _FORMAT_SUFFIXES = {
 _IMAGE_SUFFIXES = set().union(*_FORMAT_SUFFIXES.values())
 
 
-def _looks_like_text(data: bytes) -> bool:
-    head = data[:512]
-    return bool(head) and all(32 <= b < 127 or b in (9, 10, 13) for b in head)
-
-
-def inspect_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-                        ) -> tuple[dict, list[tuple[str, str]]]:
-    """Open and fully decode ``data`` with PIL. Returns (info, [(kind, message)]).
-
-    info: ``format``, ``mode``, ``raw_size`` (w, h as stored), ``size`` (w, h as displayed, EXIF applied),
-    ``orientation``. An image whose header declares more than ``max_pixels`` pixels is reported as
-    ``oversized_image`` and not decoded.
-    """
-    import io
-
-    from PIL import Image
-
-    if len(data) == 0:
-        return {}, [("unreadable_image", "empty file (0 bytes)")]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # our own limit decides
-            im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as err:
-        return {}, [("oversized_image", f"refused before decoding: {err}")]
-    except Exception as err:  # UnidentifiedImageError, and assorted errors from broken headers
-        hint = "; the file holds text" if _looks_like_text(data) else ""
-        why = "unknown format" if isinstance(err, Image.UnidentifiedImageError) else f"{type(err).__name__}: {err}"
-        return {}, [("unreadable_image", f"not a readable image ({why}){hint}")]
-    problems: list[tuple[str, str]] = []
-    with im:
-        raw_w, raw_h = im.size
-        if max_pixels is not None and raw_w * raw_h > max_pixels:
-            return {"format": im.format, "mode": im.mode, "raw_size": (raw_w, raw_h)}, [(
-                "oversized_image", f"the header declares {raw_w}x{raw_h} = {raw_w * raw_h / 1e6:.1f} Mpx, above "
-                f"the limit of {max_pixels / 1e6:.1f} Mpx (data.max_image_pixels): refused before decoding")]
-        info = {"format": im.format, "mode": im.mode, "raw_size": (raw_w, raw_h)}
-        # Decode before reading EXIF: for a PNG, getexif() decodes the image itself, and a decoding error swallowed
-        # there would let the broken image pass as readable.
-        try:
-            im.load()
-        except OSError as err:
-            kind = "truncated_image" if "truncated" in str(err).lower() else "unreadable_image"
-            return info, [(kind, f"cannot decode ({err})")]
-        except Exception as err:  # decoders raise assorted errors on corrupt data
-            return info, [("unreadable_image", f"cannot decode ({type(err).__name__}: {err})")]
-        try:
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-        except Exception:  # a broken EXIF block must not hide the image's other problems
-            orientation = 1
-        info.update(orientation=orientation, size=(raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h))
-    mode = info["mode"]
-    if _png_bit_depth(data) == 16 and mode not in ("I;16", "I;16B", "I;16L", "I"):
-        problems.append(("16bit_image", f"16-bit PNG (mode {mode}); scaled to 8 bit"))
-    elif mode in _MODE_KIND:
-        how = "scaled to 8-bit RGB (x / 256)" if _MODE_KIND[mode] == "16bit_image" else "converted to 8-bit RGB"
-        problems.append((_MODE_KIND[mode], f"colour mode {mode}; {how}"))
-    elif mode != "RGB":
-        problems.append(("grayscale_image" if mode.startswith("L") else "palette_image",
-                         f"colour mode {mode}; converted to 8-bit RGB"))
-    if orientation != 1:
-        problems.append(("exif_rotated", f"EXIF orientation {orientation}: stored {raw_w}x{raw_h}, used as "
-                                         f"{info['size'][0]}x{info['size'][1]}"))
-    return info, problems
-
-
 def _check_image_file(path: Path | None, name: str, image_id, expected_wh: tuple[int, int] | None,
                       read=None, file_name: str | None = None,
-                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> list[Problem]:
+                      max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, full_decode: bool = False) -> list[Problem]:
     """Problems of one image (``read`` overrides how bytes are fetched, e.g. from a shard; ``file_name`` is the
     name whose suffix must match the content, default ``name``)."""
     if read is None:
@@ -242,7 +165,7 @@ def _check_image_file(path: Path | None, name: str, image_id, expected_wh: tuple
             data, where = read()
         except Exception as err:
             return [Problem("unreadable_image", name, str(err), image_id)]
-    info, found = inspect_image_bytes(data, max_pixels)
+    info, found = inspect_image_bytes(data, max_pixels, full_decode)
     out = [Problem(kind, where, msg, image_id) for kind, msg in found]
     suffix = Path(file_name or name).suffix.lower()
     fmt = info.get("format")
@@ -260,14 +183,44 @@ def _check_image_file(path: Path | None, name: str, image_id, expected_wh: tuple
     return out
 
 
-def _run_image_checks(jobs: list[tuple], workers: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-                      ) -> list[Problem]:
-    def one(job: tuple) -> list[Problem]:
-        return _check_image_file(*job, max_pixels=max_pixels)
-    if workers <= 1:
-        return [p for job in jobs for p in one(job)]
-    with ThreadPoolExecutor(workers) as pool:   # PIL decoders release the GIL
-        return [p for ps in pool.map(one, jobs) for p in ps]
+# Images per task handed to a worker: large enough that the pickling round trip is noise next to ~2 ms of
+# decoding per image, small enough that the progress bar moves and the cores finish together.
+CHUNK = 64
+Progress = Callable[[int, int], None]   # progress(done, total): images checked so far, images to check
+
+
+def _check_chunk(jobs: list[tuple], max_pixels: int | None, full_decode: bool) -> list[list[Problem]]:
+    """The problems of each job of ``jobs`` (runs in a worker process: top level, so it pickles)."""
+    return [_check_image_file(*job, max_pixels=max_pixels, full_decode=full_decode) for job in jobs]
+
+
+def _run_image_checks(jobs: list[tuple], workers: int, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                      progress: Progress | None = None, full_decode: bool = False) -> list[Problem]:
+    """Check every image of ``jobs`` (``_check_image_file`` arguments) on ``workers`` cores (0: all of them);
+    problems in the order of ``jobs`` whatever the number of workers. ``progress(done, total)`` after each chunk."""
+    workers = available_cores() if workers <= 0 else workers
+    chunks = [jobs[k: k + CHUNK] for k in range(0, len(jobs), CHUNK)]
+    out: list[Problem] = []
+    done = 0
+    if progress is not None:
+        progress(0, len(jobs))
+    if workers <= 1 or len(chunks) <= 1:
+        results = (_check_chunk(chunk, max_pixels, full_decode) for chunk in chunks)
+        pool = None
+    else:
+        readers = any(len(job) > 4 and job[4] is not None for job in jobs)   # closures over an open shard
+        pool = image_check_pool(min(workers, len(chunks)), picklable=not readers)
+        results = pool.map(_check_chunk, chunks, [max_pixels] * len(chunks), [full_decode] * len(chunks))
+    try:
+        for chunk, found in zip(chunks, results):
+            out += [p for ps in found for p in ps]
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(jobs))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return out
 
 
 _BOX_KINDS = {BOX_CLIPPED: "out_of_image_box", BOX_OUTSIDE: "out_of_image_box", BOX_ZERO_SIZE: "zero_size_box",
@@ -297,8 +250,14 @@ def _box_problems(report: Report, boxes: list[tuple]) -> None:
 
 
 def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None = None, images: bool = True,
-               workers: int = 2, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
-    """Every problem of a COCO-format dataset (annotations, and image files unless ``images=False``)."""
+               workers: int = 0, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, progress: Progress | None = None,
+               full_decode: bool = False) -> Report:
+    """Every problem of a COCO-format dataset (annotations, and image files unless ``images=False``).
+
+    ``workers``: processes checking images (0: every core); ``progress(done, total)``: images checked so far;
+    ``full_decode``: decode JPEGs at full size too (see ``_DRAFT_FORMATS``; the report is the same)."""
+    from multibox.data.coco import CocoFormatError, coco_image_roots, parse_coco_json
+
     ann_file = Path(ann_file)
     report = Report(str(ann_file), "coco")
     try:
@@ -321,7 +280,7 @@ def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None
             return None
         jobs = [(locate(str(img.get("file_name", ""))), str(img.get("file_name", "")), iid,
                  (int(img.get("width") or 0), int(img.get("height") or 0))) for iid, img in image_info.items()]
-        report.problems += _run_image_checks(jobs, workers, max_pixels)
+        report.problems += _run_image_checks(jobs, workers, max_pixels, progress, full_decode)
     _require_usable(report, images, ", ".join(str(r) for r in roots))
     return report
 
@@ -329,6 +288,8 @@ def check_coco(ann_file: str | os.PathLike, image_root: str | os.PathLike | None
 def _well_formed_sections(report: Report, coco: dict, src: str) -> dict[str, list[dict]]:
     """Items of the wrong JSON shape are reported by field (training refuses the file) and left out of the
     checks: ``{"categories" | "images" | "annotations": [the well-formed items]}``."""
+    from multibox.data.coco import coco_structure_errors
+
     issues = coco_structure_errors(coco)
     for issue in issues:
         report.add("malformed_annotation", src, str(issue), issue.item_id if issue.section == "images" else None,
@@ -401,8 +362,9 @@ def _hashable(value: Any) -> Any:
 # --------------------------------------------------------------------------- VOC
 
 
-def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = True, workers: int = 2,
-              max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
+def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = True, workers: int = 0,
+              max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, progress: Progress | None = None,
+              full_decode: bool = False) -> Report:
     """Every problem of a VOC-style folder (all XMLs of ``Annotations/``, or those of one split)."""
     import glob
 
@@ -439,7 +401,7 @@ def check_voc(root: str | os.PathLike, split: str | None = None, images: bool = 
         jobs.append((image, str(image), stem, wh))
     _box_problems(report, boxes)
     if images:
-        report.problems += _run_image_checks(jobs, workers, max_pixels)
+        report.problems += _run_image_checks(jobs, workers, max_pixels, progress, full_decode)
     _require_usable(report, images, str(found / "JPEGImages"))
     return report
 
@@ -474,8 +436,9 @@ def _parse_voc_xmls(report: Report, found: Path, stems: list[str], split: str | 
 # --------------------------------------------------------------------------- shards
 
 
-def check_shards(root: str | os.PathLike, images: bool = True, workers: int = 2,
-                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
+def check_shards(root: str | os.PathLike, images: bool = True, workers: int = 0,
+                 max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS, progress: Progress | None = None,
+                 full_decode: bool = False) -> Report:
     """Verify a packed-shard folder: manifest, every shard's checksum, every row's CRC and image."""
     from multibox.data.shards import ShardDataset, ShardError
 
@@ -504,7 +467,7 @@ def check_shards(root: str | os.PathLike, images: bool = True, workers: int = 2,
                 continue
             jobs.append((None, ds.describe(i), ds.image_ids[i], (ds.records[i].width, ds.records[i].height),
                          (lambda i=i: (ds.read_bytes(i), ds.describe(i))), ds.records[i].file_name))
-        report.problems += _run_image_checks(jobs, workers, max_pixels)
+        report.problems += _run_image_checks(jobs, workers, max_pixels, progress, full_decode)
     _require_usable(report, images and not bad, str(root))
     return report
 
@@ -544,18 +507,18 @@ def _conversion_problems(report: Report, ds) -> None:
 
 
 def check_dataset(src: str | os.PathLike, image_root: str | os.PathLike | None = None, split: str | None = None,
-                  images: bool = True, workers: int = 2,
-                  max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Report:
-    """Dispatch on the kind of ``src``: COCO JSON, VOC folder or shard folder."""
+                  images: bool = True, workers: int = 0, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                  progress: Progress | None = None, full_decode: bool = False) -> Report:
+    """Dispatch on the kind of ``src``: COCO JSON, VOC folder or shard folder (arguments: see :func:`check_coco`)."""
     from multibox.data.voc import is_voc_root
 
     path = Path(src)
     if path.is_dir() and (path / "manifest.json").is_file():
-        return check_shards(path, images, workers, max_pixels)
+        return check_shards(path, images, workers, max_pixels, progress, full_decode)
     if path.is_dir() and is_voc_root(path):
-        return check_voc(path, split, images, workers, max_pixels)
+        return check_voc(path, split, images, workers, max_pixels, progress, full_decode)
     if path.is_file():
-        return check_coco(path, image_root, images, workers, max_pixels)
+        return check_coco(path, image_root, images, workers, max_pixels, progress, full_decode)
     report = Report(str(src), "unknown")
     report.add("bad_annotation_file", src, "not a COCO JSON, a VOC folder or a shard folder")
     return report

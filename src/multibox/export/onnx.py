@@ -42,15 +42,31 @@ The model's metadata (``metadata_props``) holds ``multibox.config`` (the full co
 ``multibox.max_detections``, ``multibox.resize`` (the resize the input needs) and ``multibox.input`` (a one-line
 description of the input).
 
-Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``, which exists from torch 2.4 to at least
-2.14 and maps a ``torch.autograd.Function`` to ``NonMaxSuppression`` through its ``symbolic``; the dynamo exporter
-would need onnxscript and a custom translation for that op.
+Exporter: ``exporter="dynamo"`` is torch's maintained, ``torch.export``-based ``torch.onnx.export(...,
+dynamo=True)`` (needs onnxscript); ``"torchscript"`` is the TorchScript-based one (``dynamo=False``), deprecated by
+torch and the only one before torch 2.6. Both write the graph above (same inputs, outputs, dtypes, names and
+metadata) and the same detections: tests/export/test_export.py runs every preset with the dynamo exporter through
+onnxruntime against PyTorch. The NMS is the custom op ``multibox::multiclass_nms`` (:func:`multiclass_nms_indices`
+eagerly; a data-dependent number of rows while exporting), which an onnxscript function in
+``custom_translation_table`` writes as ``NonMaxSuppression``; under the TorchScript exporter a
+``torch.autograd.Function``'s ``symbolic`` writes the same node. The opset is 17 with the TorchScript exporter and
+18 with the dynamo one, its lowest: onnx's version converter cannot bring every preset's graph down to 17 (no Pad
+adapter, used by the ResNet-FPN preset). The dynamo graph is smaller (no Identity nodes, constants folded, all-zero
+conv biases dropped); both quantize fully with onnxruntime's static QDQ (every Conv a QLinearConv) when the biases
+are distinct, as trained ones are, but the TorchScript one shares equal biases (e.g. the zeros of a fresh model)
+through Identity nodes, which leaves those convolutions in float.
+
+Default (``exporter=None``): dynamo on torch >= 2.14 (checked there on every preset; torch made it its own default
+in 2.9) with onnxscript importable, else TorchScript, with the reason logged on the ``multibox.export`` logger.
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
+import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,17 +77,36 @@ from torch import Tensor, nn
 from multibox.config import Config
 from multibox.core.postprocess import PostProcessor, build_postprocessor, group_rank, grouped_nms
 from multibox.data.categories import category_ids_of
-from multibox.export import DEFAULT_MAX_DETECTIONS, OPSET
+from multibox.errors import InputError, MultiboxError
+from multibox.export import DEFAULT_MAX_DETECTIONS, DYNAMO_OPSET, EXPORTER_NAMES, OPSET
 from multibox.io import atomic_path
 
 __all__ = [
     "DEFAULT_MAX_DETECTIONS",
     "ExportableSSD",
+    "OnnxExportError",
+    "default_exporter",
+    "dynamo_onnx_export",
+    "dynamo_unavailable_reason",
     "export_checkpoint",
     "export_onnx",
+    "multiclass_nms",
     "multiclass_nms_indices",
+    "resolve_exporter",
     "torchscript_onnx_export",
 ]
+
+logger = logging.getLogger("multibox.export")
+
+# The dynamo exporter is the default from the oldest torch on which every preset was checked with it (torch made
+# it its own default in 2.9; 2.9 to 2.13 are unchecked here). torch.onnx.export has what this module passes it
+# (dynamic_shapes, custom_translation_table) from 2.6: exporter="dynamo" is not refused there.
+DYNAMO_DEFAULT_TORCH = (2, 14)
+DYNAMO_MIN_TORCH = (2, 6)
+
+
+class OnnxExportError(MultiboxError, RuntimeError):
+    """The export cannot be done as asked (the exporter is unavailable, or the graph did not reach the opset)."""
 
 INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}   # keys: multibox.export.INPUT_DTYPE_NAMES
 # The input dtype that loses nothing for each data.resize mode (see the module docstring).
@@ -122,6 +157,45 @@ class _NonMaxSuppression(torch.autograd.Function):
                     g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32)),
                     g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32)),
                     center_point_box_i=0)
+
+
+# The schema is spelled out: torch 2.4 cannot infer it from the postponed (string) annotations of this module.
+@torch.library.custom_op("multibox::multiclass_nms", mutates_args=(), schema=(
+    "(Tensor boxes_xyxy, Tensor scores, int max_per_class, float iou_threshold, float score_threshold) -> Tensor"))
+def _multiclass_nms_op(boxes_xyxy: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float,
+                       score_threshold: float) -> Tensor:
+    """:func:`multiclass_nms_indices` as one op for ``torch.export``, which cannot trace its data-dependent loop;
+    the dynamo exporter translates it to ``NonMaxSuppression`` (:func:`_nms_translation`)."""
+    return multiclass_nms_indices(boxes_xyxy, scores, max_per_class, iou_threshold, score_threshold)
+
+
+@_multiclass_nms_op.register_fake
+def _multiclass_nms_shape(boxes_xyxy: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float,
+                          score_threshold: float) -> Tensor:
+    # (M, 3) int64 with M known only at run time: a new symbolic size for the exporter.
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return scores.new_empty((rows, 3), dtype=torch.int64)
+
+
+def _nms_translation():
+    """The ``custom_translation_table`` entry of the dynamo exporter: ``multibox::multiclass_nms`` ->
+    ``NonMaxSuppression`` (same attribute and thresholds as :meth:`_NonMaxSuppression.symbolic`)."""
+    from onnxscript import opset18 as op
+
+    def nms_onnx(boxes_xyxy, scores, max_per_class: int, iou_threshold: float, score_threshold: float):
+        return op.NonMaxSuppression(boxes_xyxy, scores, op.Constant(value_ints=[max_per_class]),
+                                    op.Constant(value_floats=[iou_threshold]),
+                                    op.Constant(value_floats=[score_threshold]), center_point_box=0)
+
+    return {torch.ops.multibox.multiclass_nms.default: nms_onnx}
+
+
+def multiclass_nms(boxes_xyxy: Tensor, scores: Tensor, max_per_class: int, iou_threshold: float,
+                   score_threshold: float) -> Tensor:
+    """:func:`multiclass_nms_indices` that exports as one ``NonMaxSuppression`` node with either exporter."""
+    if torch.jit.is_tracing():   # the TorchScript exporter traces; the autograd.Function's symbolic is the node
+        return _NonMaxSuppression.apply(boxes_xyxy, scores, max_per_class, iou_threshold, score_threshold)
+    return _multiclass_nms_op(boxes_xyxy, scores, max_per_class, iou_threshold, score_threshold)
 
 
 # --------------------------------------------------------------------------- the exported module
@@ -181,8 +255,8 @@ class ExportableSSD(nn.Module):
             top = torch.topk(scores, pp.pre_nms_top_k, dim=2).indices
             in_top = torch.zeros_like(scores).scatter(2, top, 1.0)
             nms_scores = torch.where(in_top > 0, scores, torch.full_like(scores, -1.0))
-        selected = _NonMaxSuppression.apply(boxes, nms_scores, int(pp.max_per_class), float(pp.nms_threshold),
-                                            float(pp.score_threshold))
+        selected = multiclass_nms(boxes, nms_scores, int(pp.max_per_class), float(pp.nms_threshold),
+                                  float(pp.score_threshold))
         # Scatter the kept scores into a dense (N, C·A) map (-1 elsewhere) and take each image's top K: that is
         # the per-image cap, the padding to a fixed size and the descending order in one TopK.
         per_image = num_classes * num_anchors
@@ -220,13 +294,111 @@ def torchscript_onnx_export(module: nn.Module, args: tuple[Tensor, ...], path: s
                           dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, **kwargs)
 
 
-def _export_settings(cfg: Config, input_dtype: str | None, opset: int) -> tuple[str, str]:
+def _torch_release() -> tuple[int, int]:
+    """(major, minor) of the running torch ("2.9.0a0+git..." -> (2, 9): a pre-release counts as its release)."""
+    major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
+    return int(major), int(minor)
+
+
+def dynamo_unavailable_reason(for_default: bool = False) -> str | None:
+    """Why the dynamo exporter is not used here (None: it is usable); ``for_default``: as the default, which
+    needs torch >= 2.14, not only >= 2.6 (see the module docstring)."""
+    floor = DYNAMO_DEFAULT_TORCH if for_default else DYNAMO_MIN_TORCH
+    if _torch_release() < floor:
+        return f"torch {torch.__version__} is older than {floor[0]}.{floor[1]}"
+    if importlib.util.find_spec("onnxscript") is None:
+        return "onnxscript is not installed (pip install onnxscript)"
+    return None
+
+
+def default_exporter() -> str:
+    """The exporter of ``exporter=None``: "dynamo" where :func:`dynamo_unavailable_reason` finds nothing against
+    it, else "torchscript" (the reason logged)."""
+    reason = dynamo_unavailable_reason(for_default=True)
+    if reason is None:
+        return "dynamo"
+    logger.info("ONNX export with the TorchScript exporter, not the dynamo one: %s", reason)
+    return "torchscript"
+
+
+def resolve_exporter(exporter: str | None) -> str:
+    """``exporter`` checked ("dynamo" or "torchscript"), or the default for None."""
+    if exporter is None:
+        return default_exporter()
+    if exporter not in EXPORTER_NAMES:
+        raise InputError(f"exporter must be one of {', '.join(EXPORTER_NAMES)}, got {exporter!r}")
+    reason = dynamo_unavailable_reason() if exporter == "dynamo" else None
+    if reason is not None:
+        raise OnnxExportError(f"the dynamo ONNX exporter is unavailable: {reason}; use exporter='torchscript'")
+    return exporter
+
+
+# The Reduce ops whose axes moved from an attribute (opset 13) to an input (opset 18, with noop_with_empty_axes).
+_REDUCE_AXES_MOVED = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+                      "ReduceMin", "ReduceProd", "ReduceSumSquare"}
+
+
+def _drop_opset18_reduce_attribute(proto: Any) -> None:
+    """Remove ``noop_with_empty_axes`` from the Reduce nodes of a graph converted below opset 18, in place.
+
+    onnx's 18 -> 17 adapters (onnx 1.15 to at least 1.23) move ``axes`` back to an attribute but keep this
+    opset-18 attribute, which the checker and runtimes then reject. At its default 0 with ``axes`` given it changes
+    nothing, so dropping it is exact; 1 has no opset-17 equivalent: OnnxExportError.
+    """
+    for node in proto.graph.node:
+        if node.op_type not in _REDUCE_AXES_MOVED:
+            continue
+        for i, attribute in enumerate(node.attribute):
+            if attribute.name == "noop_with_empty_axes":
+                if attribute.i != 0:
+                    raise OnnxExportError(f"{node.op_type} node {node.name!r} needs opset 18 "
+                                          f"(noop_with_empty_axes=1)")
+                del node.attribute[i]
+                break
+
+
+def dynamo_onnx_export(module: nn.Module, args: tuple[Tensor, ...], input_names: list[str],
+                       output_names: list[str], dynamic_batch: bool = True, opset: int = DYNAMO_OPSET) -> Any:
+    """``torch.onnx.export(..., dynamo=True)`` -> its ``onnx.ModelProto`` at ``opset``, axis 0 of every input
+    dynamic when ``dynamic_batch`` (the examples in ``args`` need a batch > 1: torch.export specialises a 1).
+
+    The exporter builds opset 18 at least; below that, onnx's version converter converts the graph, which fails
+    for some ops (Pad, in the ResNet-FPN preset): OnnxExportError then, as when the graph did not reach ``opset``.
+    """
+    import onnx
+    import onnx.checker
+    import onnx.version_converter
+
+    batch = torch.export.Dim("batch", min=1)
+    parameters = list(inspect.signature(module.forward).parameters)[:len(args)]
+    dynamic_shapes = {name: {0: batch} for name in parameters} if dynamic_batch else None
+    program = torch.onnx.export(module, args, None, input_names=input_names, output_names=output_names,
+                                opset_version=max(opset, DYNAMO_OPSET), dynamo=True, dynamic_shapes=dynamic_shapes,
+                                custom_translation_table=_nms_translation(), external_data=False, verbose=False)
+    proto = program.model_proto
+    if opset < DYNAMO_OPSET:
+        try:
+            proto = onnx.version_converter.convert_version(proto, opset)
+            _drop_opset18_reduce_attribute(proto)
+            onnx.checker.check_model(proto)
+        except (RuntimeError, onnx.checker.ValidationError) as e:
+            reason = str(e).strip().splitlines()[0]
+            raise OnnxExportError(f"onnx's version converter cannot bring the dynamo exporter's opset-"
+                                  f"{DYNAMO_OPSET} graph to opset {opset} ({reason}); export at opset >= "
+                                  f"{DYNAMO_OPSET} (the default) or with exporter='torchscript'") from e
+    reached = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if reached != opset:
+        raise OnnxExportError(f"the dynamo exporter's graph is at opset {reached}, not the requested {opset}")
+    return proto
+
+
+def _export_settings(cfg: Config, input_dtype: str | None, opset: int | None) -> tuple[str, str]:
     """(resize mode, input dtype name) of the export, the arguments checked."""
     resize = getattr(cfg.data, "resize", "antialias")
     input_dtype = input_dtype or DEFAULT_INPUT_DTYPE.get(resize, "float32")
     if input_dtype not in INPUT_DTYPES:
         raise ValueError(f"input_dtype must be one of {sorted(INPUT_DTYPES)}, got {input_dtype!r}")
-    if opset < 17:
+    if opset is not None and opset < 17:
         raise ValueError("opset must be >= 17")
     return resize, input_dtype
 
@@ -256,8 +428,8 @@ def _metadata(cfg: Config, class_names: Sequence[str], category_ids: Sequence[in
 
 
 def _finish_graph(proto: Any, module: ExportableSSD, postprocess: bool, meta: dict[str, str]) -> None:
-    """Complete the traced ``onnx.ModelProto`` in place: the constant anchors output (raw graphs), the metadata,
-    the doc string and the fixed output dims (postprocessed graphs)."""
+    """Complete the traced ``onnx.ModelProto`` in place: the constant anchors output (raw graphs), the metadata
+    (the model's only; no per-node entries), the doc string and the fixed output dims (postprocessed graphs)."""
     import onnx
     import onnx.numpy_helper
 
@@ -267,6 +439,8 @@ def _finish_graph(proto: Any, module: ExportableSSD, postprocess: bool, meta: di
             "Constant", [], ["anchors_cxcywh"], value=onnx.numpy_helper.from_array(anchors, "anchors_cxcywh")))
         proto.graph.output.append(onnx.helper.make_tensor_value_info("anchors_cxcywh", onnx.TensorProto.FLOAT,
                                                                      list(anchors.shape)))
+    for node in proto.graph.node:   # the dynamo exporter's stack traces would name the exporting machine's files
+        del node.metadata_props[:]
     del proto.metadata_props[:]
     for key, value in meta.items():
         entry = proto.metadata_props.add()
@@ -283,7 +457,8 @@ def _finish_graph(proto: Any, module: ExportableSSD, postprocess: bool, meta: di
 
 def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: str | os.PathLike,
                 postprocess: bool = True, max_detections: int | None = None, input_dtype: str | None = None,
-                opset: int = OPSET, check: bool = True, category_ids: Sequence[int] | None = None) -> Path:
+                opset: int | None = None, check: bool = True, category_ids: Sequence[int] | None = None,
+                exporter: str | None = None) -> Path:
     """Export ``model`` (built from ``cfg``; moved to the CPU in float32) to ``out``; returns the path written.
 
     Args:
@@ -292,13 +467,18 @@ def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: 
         input_dtype: "uint8" or "float32" (0..255 pixel values); default: the one of ``data.resize``.
         category_ids: the data's category id of each label 1..C (a checkpoint's ``category_ids``), written to the
             metadata; None: the fallback of :func:`multibox.data.categories.category_ids_of`.
+        opset: the ONNX opset; default 17 (:data:`~multibox.export.OPSET`) with the TorchScript exporter, 18
+            (:data:`~multibox.export.DYNAMO_OPSET`) with the dynamo one (17 there: see :func:`dynamo_onnx_export`).
         check: run ``onnx.checker`` on the result.
+        exporter: "dynamo" or "torchscript" (see the module docstring); None: :func:`default_exporter`.
 
     The file appears atomically (:func:`multibox.io.atomic_path`): a failed export leaves no partial file.
     """
     import onnx
 
     resize, input_dtype = _export_settings(cfg, input_dtype, opset)
+    exporter = resolve_exporter(exporter)
+    opset = opset or (DYNAMO_OPSET if exporter == "dynamo" else OPSET)
     category_ids = category_ids_of(class_names, None if category_ids is None else list(category_ids))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -306,12 +486,16 @@ def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: 
     pp = build_postprocessor(cfg) if postprocess else None
     module = ExportableSSD(model.cpu().float(), cfg.data.mean, cfg.data.std, pp, k, resize).eval()
     size = cfg.model.image_size
-    example = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8).to(INPUT_DTYPES[input_dtype])
+    # A batch of 2: torch.export would specialise a batch of 1 to a constant.
+    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8).to(INPUT_DTYPES[input_dtype])
     outputs, axes = _output_axes(postprocess)
     with atomic_path(out) as tmp:
         with torch.no_grad():
-            torchscript_onnx_export(module, (example,), tmp, ["images"], outputs, axes, opset)
-        proto = onnx.load(str(tmp))
+            if exporter == "dynamo":
+                proto = dynamo_onnx_export(module, (example,), ["images"], outputs, True, opset)
+            else:
+                torchscript_onnx_export(module, (example,), tmp, ["images"], outputs, axes, opset)
+                proto = onnx.load(str(tmp))
         meta = _metadata(cfg, class_names, category_ids, postprocess, module.max_detections, input_dtype, resize)
         _finish_graph(proto, module, postprocess, meta)
         if check:
@@ -321,7 +505,8 @@ def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: 
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, **kwargs) -> Path:
-    """Rebuild the model of a multibox checkpoint and :func:`export_onnx` it."""
+    """Rebuild the model of a multibox checkpoint and :func:`export_onnx` it (``kwargs``: its options, e.g.
+    ``exporter``)."""
     from multibox.checkpoint import load_checkpoint
     from multibox.models import model_from_state_dict
 

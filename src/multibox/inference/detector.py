@@ -158,10 +158,11 @@ def load(checkpoint: str | Path, device: str = "auto", precision: str | None = N
     """Rebuild a detector from a checkpoint alone (weights, config, class names, category ids).
 
     ``precision`` (auto | fp32 | bf16 | fp16) and ``compile`` override the checkpoint's ``eval.precision`` and
-    ``eval.compile``. An exported ONNX model is refused here (:func:`multibox.load` runs it with onnxruntime)."""
+    ``eval.compile``. An exported ONNX model is refused here (:func:`multibox.load` runs it with onnxruntime or
+    OpenVINO: :func:`multibox.inference.onnx.load_onnx`)."""
     if model_format(checkpoint) == "onnx":
         raise CheckpointError(f"{checkpoint}: an exported ONNX model, not a checkpoint (multibox.load runs it with "
-                              f"onnxruntime)")
+                              f"onnxruntime or OpenVINO)")
     payload = load_checkpoint(checkpoint)
     cfg = apply_inference_arguments(Config.from_dict(payload["config"]), precision, compile)
     category_ids = category_ids_of(payload["class_names"], payload.get("category_ids"), source=str(checkpoint))

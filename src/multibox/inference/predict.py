@@ -1,4 +1,4 @@
-"""``multibox predict``: detect objects in images, folders and videos, with the PyTorch or onnxruntime backend.
+"""``multibox predict``: detect objects in images, folders and videos, with PyTorch or an exported ONNX model.
 
 Each input is named by its path relative to the deepest folder that holds every input (a folder given counts,
 and a file's own folder): ``cams/a/img.jpg`` and ``cams/b/img.jpg``, given as ``cams``, are ``a/img.jpg`` and
@@ -150,22 +150,31 @@ def output_names(relative: Sequence[Path], suffix: str) -> list[Path]:
 
 
 def load_detector(model_path: str | Path, backend: str = "auto", device: str = "auto", threads: int = 0,
-                  precision: str | None = None, compile_: bool | None = None):
+                  precision: str | None = None, compile_: bool | None = None, runtime: str | None = None):
     """A :class:`multibox.inference.detector.Detector` (``backend="torch"``, a ``.pt`` checkpoint) or a
-    :class:`multibox.inference.onnx.OnnxDetector` (``backend="onnxruntime"``, an exported ``.onnx`` file).
-    ``auto`` picks by the file (:func:`multibox.inference.detector.model_format`); ``precision`` and ``compile_``
-    apply to the torch backend."""
+    :class:`multibox.inference.onnx.OnnxDetector` (``backend="onnx"``, an exported ``.onnx`` file, run by
+    ``runtime``: auto | onnxruntime | openvino, None = auto; ``backend="onnxruntime"`` = onnx with the onnxruntime
+    runtime). ``auto`` picks by the file (:func:`multibox.inference.detector.model_format`); ``precision`` and
+    ``compile_`` apply to the torch backend, ``runtime`` and ``threads`` to ONNX models."""
     from multibox.inference.detector import load, model_format
 
     path = Path(model_path)
     if backend == "auto":
-        backend = "onnxruntime" if model_format(path) == "onnx" else "torch"
+        backend = "onnx" if model_format(path) == "onnx" else "torch"
     if backend == "onnxruntime":
+        if runtime not in (None, "onnxruntime"):
+            raise InputError(f"backend onnxruntime with runtime {runtime}: use backend onnx (or auto) with "
+                             f"runtime {runtime}")
+        backend, runtime = "onnx", "onnxruntime"
+    if backend == "onnx":
         from multibox.inference.onnx import load_onnx
-        return load_onnx(path, device, precision, compile_, threads=threads)
+        return load_onnx(path, device, precision, compile_, threads=threads, runtime=runtime or "auto")
     if backend == "torch":
+        if runtime is not None:
+            raise InputError(f"{path}: --runtime ({runtime}) applies to exported ONNX models; a checkpoint runs in "
+                             f"PyTorch (export it first: multibox export --checkpoint {path} --format onnx)")
         return load(path, device, precision, compile_)
-    raise InputError(f"unknown backend {backend!r}: auto, torch or onnxruntime")
+    raise InputError(f"unknown backend {backend!r}: auto, torch, onnx or onnxruntime")
 
 
 def display_score(detector, score: float | None) -> float:
