@@ -1,6 +1,7 @@
 """Small COCO / VOC datasets built on the fly, clean or with one instance of every problem class.
 
-Used by test_validate.py, test_voc.py, test_shards.py, test_data_roundtrip.py. Images are tiny random-noise
+Used by test_validate.py, test_voc.py, test_shards.py, test_data_roundtrip.py; :func:`train_quick_tiny` by the
+exported-model tests (through conftest's ``quick_tiny`` fixture). Images are tiny random-noise
 pictures with a bright rectangle per object (enough to train a few steps on). Also the transform tests' random
 boxes and mask extents, and a file that fails part-way through a write (checkpoint tests).
 """
@@ -208,3 +209,26 @@ class FailingFile:
 
     def __exit__(self, *exc):
         self.real.close()
+
+
+# A narrow tiny model on easy synthetic data (large objects, two classes): a few seconds of training give
+# confident detections (AP well above 0), which comparisons of exported and quantized models need.
+QUICK_TINY_TRAIN = ["model.widths=[16, 32, 48, 64, 64, 64, 64, 64]", "data.num_workers=0", "train.epochs=20",
+                    "train.batch_size=4", "train.threads=1", "train.log_every=100", "train.checkpoint_every=0",
+                    "data.val_fraction=0.25", "data.crop_rule=none", "data.flip_p=0", "data.jitter=[0, 0, 0]",
+                    "train.lr=0.005", "train.lr_init=0.0005", "train.warmup_epochs=2", "train.weight_decay=0",
+                    "eval.batch_size=8"]
+
+
+def train_quick_tiny(root: Path) -> tuple[Path, Path]:
+    """(annotations.json, best.pt) of a tiny model trained on 24 synthetic images (6 held out) under ``root``."""
+    from multibox.cli import main
+
+    ann = root / "data" / "annotations.json"
+    assert main(["synth", "--out", str(ann.parent), "--num-images", "24", "--seed", "11", "--classes", "2",
+                 "--objects", "1-2", "--sizes", "0.3-0.7", "--side", "160-200"]) == 0
+    args = ["train", "--data", str(ann), "--out", str(root / "run"), "--no-progress"]
+    for item in QUICK_TINY_TRAIN:
+        args += ["--set", item]
+    assert main(args) == 0
+    return ann, root / "run" / "best.pt"

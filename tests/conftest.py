@@ -155,3 +155,10 @@ def _no_writes_to_default_outputs(_known_default_outputs):
     if new:
         pytest.fail(f"this test wrote into the commands' default output locations: {', '.join(new)}; give the "
                     "command an --out (or a data root) under tmp_path", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def quick_tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """(annotations.json, best.pt) of :func:`_data_builders.train_quick_tiny`, trained once per session."""
+    from _data_builders import train_quick_tiny
+    return train_quick_tiny(tmp_path_factory.mktemp("quick-tiny"))

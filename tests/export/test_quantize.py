@@ -32,25 +32,12 @@ from multibox.models import build_model, model_from_state_dict  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TORCHSCRIPT = {"exporter": "torchscript"}   # the faster exporter keeps these tests short; graphs alike
-TRAIN = ["model.widths=[16, 32, 48, 64, 64, 64, 64, 64]", "data.num_workers=0", "train.epochs=20",
-         "train.batch_size=4", "train.threads=1", "train.log_every=100", "train.checkpoint_every=0",
-         "data.val_fraction=0.25", "data.crop_rule=none", "data.flip_p=0", "data.jitter=[0, 0, 0]", "train.lr=0.005",
-         "train.lr_init=0.0005", "train.warmup_epochs=2", "train.weight_decay=0", "eval.batch_size=8"]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(annotations.json, best.pt, float export) of a tiny model trained on 24 easy synthetic images."""
-    root = tmp_path_factory.mktemp("int8")
-    ann = root / "data" / "annotations.json"
-    assert main(["synth", "--out", str(ann.parent), "--num-images", "24", "--seed", "11", "--classes", "2",
-                 "--objects", "1-2", "--sizes", "0.3-0.7", "--side", "160-200"]) == 0
-    args = ["train", "--data", str(ann), "--out", str(root / "run"), "--no-progress"]
-    for item in TRAIN:
-        args += ["--set", item]
-    assert main(args) == 0
-    checkpoint = root / "run" / "best.pt"
-    return ann, checkpoint, export_checkpoint(checkpoint, root / "float.onnx", **TORCHSCRIPT)
+def trained(quick_tiny, tmp_path_factory):
+    """(annotations.json, best.pt, float export) of conftest's quick tiny model."""
+    ann, checkpoint = quick_tiny
+    return ann, checkpoint, export_checkpoint(checkpoint, tmp_path_factory.mktemp("int8") / "float.onnx",
+                                              **TORCHSCRIPT)
 
 
 def _batches(checkpoint: Path, float_path: Path, count: int = 8) -> list[np.ndarray]:

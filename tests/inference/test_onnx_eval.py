@@ -28,31 +28,10 @@ from multibox.models import model_from_state_dict  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# A narrow tiny model on easy synthetic data (large objects, three classes): a few seconds of training give
-# confident detections (AP well above 0), which is what the comparisons need.
-TRAIN = ["model.widths=[16, 32, 48, 64, 64, 64, 64, 64]", "data.num_workers=0", "train.epochs=20",
-         "train.batch_size=4", "train.threads=1", "train.log_every=100", "train.checkpoint_every=0",
-         "data.val_fraction=0.25", "data.crop_rule=none", "data.flip_p=0", "data.jitter=[0, 0, 0]", "train.lr=0.005",
-         "train.lr_init=0.0005", "train.warmup_epochs=2", "train.weight_decay=0", "eval.batch_size=8"]
-
-
-def train_tiny(root: Path) -> tuple[Path, Path]:
-    """(annotations.json, best.pt) of a tiny model trained on 24 synthetic images (6 held out)."""
-    ann = root / "data" / "annotations.json"
-    assert main(["synth", "--out", str(ann.parent), "--num-images", "24", "--seed", "11", "--classes", "2",
-                 "--objects", "1-2", "--sizes", "0.3-0.7", "--side", "160-200"]) == 0
-    args = ["train", "--data", str(ann), "--out", str(root / "run"), "--no-progress"]
-    for item in TRAIN:
-        args += ["--set", item]
-    assert main(args) == 0
-    return ann, root / "run" / "best.pt"
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("onnx-eval")
-    ann, checkpoint = train_tiny(root)
-    model = export_checkpoint(checkpoint, root / "model.onnx", exporter="torchscript")
+def trained(quick_tiny, tmp_path_factory):
+    ann, checkpoint = quick_tiny
+    model = export_checkpoint(checkpoint, tmp_path_factory.mktemp("onnx-eval") / "model.onnx", exporter="torchscript")
     return ann, checkpoint, model
 
 
