@@ -124,7 +124,6 @@ def test_a_refused_int8_export_skips_both_int8_rows_with_the_gates_reason(monkey
     reason = "int8 export refused: INT8 AP 0.1000 is more than 1% below float AP 0.2000"
     assert candidates == [] and skipped == {"onnx-int8": reason, "openvino-int8": reason}
     assert calls == [(tmp_path / "model.pt", "data.json")]   # made once, for both runtimes
-    assert not list(tmp_path.glob("*.onnx"))
 
 
 def test_bf16_is_skipped_where_the_cpu_lacks_it(monkeypatch):

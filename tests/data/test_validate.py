@@ -192,8 +192,9 @@ def test_scaled_jpeg_check_flags_every_file_full_decode_flags(damaged):
     flagged_full = {(p.file, p.kind, p.image_id) for p in full.problems if p.kind in _UNUSABLE}
     flagged_cheap = {(p.file, p.kind, p.image_id) for p in cheap.problems if p.kind in _UNUSABLE}
     assert len(flagged_full) > 300   # the corpus really is damaged: truncations, broken headers, zero tails
-    missed = flagged_full - flagged_cheap
+    missed, extra = flagged_full - flagged_cheap, flagged_cheap - flagged_full
     assert not missed, f"flagged by the full decode only: {sorted(missed)[:5]}"
+    assert not extra, f"flagged by the scaled decode only: {sorted(extra)[:5]}"
     assert {f.rsplit("/", 1)[-1] for f, _, _ in flagged_cheap} >= {f"{t}_cut1.jpg" for t in ("base_RGB", "prog_L")}
     assert not any(f.endswith("_intact.jpg") for f, _, _ in flagged_cheap)   # and no false alarm on the originals
     assert all(p.file.endswith(".jpg") and p.image_id for p in cheap.problems if p.kind in _UNUSABLE)

@@ -193,12 +193,6 @@ def test_unannotated_calibration_writes_without_gate(trained, tmp_path, caplog):
     assert "without the accuracy gate" in caplog.text
 
 
-def test_cli_help_default_matches_the_library():
-    from multibox.cli.export import _default_calib_images
-
-    assert _default_calib_images() == q.DEFAULT_CALIB_IMAGES
-
-
 @pytest.mark.slow
 # One preset per kind of graph (every shipped preset was checked once the same way; the others add minutes):
 # depthwise + hard-swish + squeeze-excite, inverted residuals (Add, Clip), FPN (Resize, shared heads).

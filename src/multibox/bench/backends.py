@@ -31,7 +31,6 @@ the worst case for NMS (nearly every default box passes the score threshold), th
 from __future__ import annotations
 
 import importlib
-import inspect
 import logging
 import statistics
 import tempfile
@@ -157,22 +156,6 @@ def _bf16_reason() -> str | None:
     return None
 
 
-def _openvino_runtime_reason() -> str | None:
-    from multibox.inference.onnx import OnnxDetector
-
-    if "runtime" not in inspect.signature(OnnxDetector).parameters:
-        return "not available yet: OnnxDetector has no runtime='openvino'"
-    return None
-
-
-def _int8_reason() -> str | None:
-    try:
-        importlib.import_module("multibox.export.quantize")
-    except ImportError:
-        return "not available yet: no multibox.export.quantize"
-    return None
-
-
 def skip_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run here (one line), or None when it can."""
     needs = {"onnx": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
@@ -183,10 +166,6 @@ def skip_reason(name: str) -> str | None:
         missing = _missing_module(*needs[family])
         if missing:
             return f"{missing} is not installed (pip install 'multibox[export]')"
-        if family == "openvino" and (reason := _openvino_runtime_reason()):
-            return reason
-        if name.endswith("-int8") and (reason := _int8_reason()):
-            return reason
     return None
 
 
@@ -246,7 +225,7 @@ def _staged_torch(detector) -> Callable[[list[str]], dict[str, float]]:
 def _staged_onnx(detector) -> Callable[[list[str]], dict[str, float]]:
     """``predict(paths, batch_size=1)`` of an OnnxDetector, split in :data:`STAGES` (seconds, summed)."""
     from multibox.inference.detector import as_uint8_chw
-    from multibox.inference.onnx import _split_fixed, resize_for_model
+    from multibox.inference.onnx import resize_for_model, split_fixed_outputs
 
     def run(paths: list[str]) -> dict[str, float]:
         totals = dict.fromkeys(STAGES, 0.0)
@@ -260,7 +239,7 @@ def _staged_onnx(detector) -> Callable[[list[str]], dict[str, float]]:
             clock("graph")
             sizes = [tuple(image.shape[-2:])]
             if detector.has_postprocess:
-                _split_fixed(*outputs, sizes)
+                split_fixed_outputs(*outputs, sizes)
             else:
                 detector.postprocess(*(torch.from_numpy(o) for o in outputs), sizes)
             clock("postprocess")
@@ -305,7 +284,7 @@ def _calibration_batches(float_path: Path, paths: list[str]) -> list:
     from multibox.inference.detector import as_uint8_chw
     from multibox.inference.onnx import OnnxDetector
 
-    return calibration_batches([as_uint8_chw(p) for p in paths], OnnxDetector(float_path))
+    return calibration_batches([as_uint8_chw(p) for p in paths], OnnxDetector(float_path, runtime="onnxruntime"))
 
 
 class _ModelFiles:
@@ -362,9 +341,8 @@ def _onnx_candidate(name: str, files: _ModelFiles, threads: int) -> Candidate:
 
     path = files.get("int8" if name.endswith("-int8") else "float")
     runtime = "openvino" if name.startswith("openvino") else "onnxruntime"
-    kwargs = {"runtime": runtime} if "runtime" in inspect.signature(OnnxDetector).parameters else {}
-    detector = OnnxDetector(path, threads=threads, **kwargs)
-    label = f"{getattr(detector, 'runtime', runtime)} {'int8' if name.endswith('-int8') else 'fp32'}"
+    detector = OnnxDetector(path, threads=threads, runtime=runtime)
+    label = f"{detector.runtime} {'int8' if name.endswith('-int8') else 'fp32'}"
     return Candidate(name, label, detector, path.stat().st_size / 1e6, _staged_onnx(detector))
 
 
@@ -429,33 +407,24 @@ def timed_in_turns(detectors: dict[str, object], candidates: list[Candidate], pa
 
 
 def eval_splits(subject: Subject, data: str):
-    """DATA's training and evaluation splits under the subject's config (``data.path`` = DATA: its own validation
-    split or the held-out part of it, as training on DATA draws it)."""
+    """(DATA's splits under the subject's config, that config): ``data.path`` = DATA, so the evaluation split is
+    its own validation split or the held-out part of it, as training on DATA draws it."""
     from multibox.data.build import build_splits
 
     cfg = Config.from_dict(subject.cfg.to_dict())
     cfg.data.path, cfg.data.val_path = data, None
-    return build_splits(cfg), cfg.eval.backend
+    return build_splits(cfg), cfg
 
 
-def detector_ap(detector, splits, eval_backend: str = "faster", batch_size: int = 8) -> float:
-    """COCO AP@[.5:.95] of ``detector.predict`` on ``splits.val``'s images, decoded as files are (uint8), every
-    backend through its own preprocessing; labels mapped to the data's category ids by (name, id)."""
-    from multibox.evaluation.coco import evaluate_coco
+def detector_ap(detector, splits, cfg: Config) -> float:
+    """COCO AP@[.5:.95] of ``detector.predict`` on ``splits.val``'s decoded images, every backend through its own
+    preprocessing (:func:`multibox.inference.onnx_eval.evaluate_onnx`, batched and scored as ``cfg.eval`` says);
+    labels mapped to the data's category ids by (name, id)."""
     from multibox.evaluation.evaluate import category_map_by_name
-    from multibox.evaluation.results import to_coco_results
+    from multibox.inference.onnx_eval import evaluate_onnx
 
-    dataset, indices = splits.val.dataset, splits.val.indices
     mapping = category_map_by_name(detector.class_names, splits, detector.category_ids)
-    results: list[dict] = []
-    for start in range(0, len(indices), batch_size):
-        chunk = indices[start:start + batch_size]
-        detections = detector.predict([dataset.load_image(i) for i in chunk], batch_size=batch_size)
-        for i, det in zip(chunk, detections):
-            results += to_coco_results(dataset.image_ids[i], det, mapping)
-    result = evaluate_coco(splits.val_gt, results, backend=eval_backend, image_ids=splits.val_image_ids,
-                           verbose=False)
-    return round(float(result.stats["AP"]), 4)
+    return round(float(evaluate_onnx(detector, splits, label_to_category_id=mapping, cfg=cfg).stats["AP"]), 4)
 
 
 def _row(name: str, runtime: str, seconds_b1: float, seconds_b8: float, reference: dict, **extra) -> dict:
@@ -481,10 +450,10 @@ def _measure(subject: Subject, candidates: list[Candidate], jpegs: list[str], wa
     b1, b8, stages = timed_in_turns(detectors, candidates, jpegs, warmup, iters)
     aps: dict[str, float] = {}
     if data is not None:
-        splits, eval_backend = eval_splits(subject, data)
+        splits, eval_cfg = eval_splits(subject, data)
         for name, detector in detectors.items():
             if name != "torchvision" or subject.same_weights:   # else its AP says nothing of these weights
-                aps[name] = detector_ap(detector, splits, eval_backend)
+                aps[name] = detector_ap(detector, splits, eval_cfg)
     ref = _row("torchvision", "torchvision eager fp32", b1["torchvision"], b8["torchvision"], {},
                ap=aps.get("torchvision"), size_mb=round(_state_mb(subject.reference.state_dict()), 1),
                stages_ms=None)

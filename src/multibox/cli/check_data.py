@@ -32,13 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from multibox.cli.common import progress_callback
     from multibox.data.validate import check_dataset
-    from multibox.io import progress_bar
 
-    with progress_bar(total=0, enabled=not args.no_progress, desc="checking images", unit="img") as bar:
-        def show(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    with progress_callback(not args.no_progress, "checking images") as show:
         report = check_dataset(args.src, args.image_root, args.split, images=not args.no_images,
                                workers=args.workers, max_pixels=args.max_image_pixels or None, progress=show,
                                full_decode=args.full_decode)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from typing import Callable, Iterator
 
 from multibox.config import PRECISION_NAMES
 
@@ -17,3 +19,16 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inference autocast (default: the checkpoint's eval.precision, usually auto)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the network (worth it for many images of one size)")
+
+
+@contextlib.contextmanager
+def progress_callback(enabled: bool, desc: str, unit: str = "img") -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback for the library's long passes, shown as one progress bar on stderr
+    (:func:`multibox.io.progress_bar`: quiet off a terminal or when not ``enabled``)."""
+    from multibox.io import progress_bar
+
+    with progress_bar(total=0, enabled=enabled, desc=desc, unit=unit) as bar:
+        def show(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        yield show

@@ -30,13 +30,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Pack the source; exit status 3 (``EXIT_SKIPPED``) when anything was left out (each kind or image named in
     a warning while converting, summed up here), else 0."""
+    from multibox.cli.common import progress_callback
     from multibox.data.shards import convert_source
-    from multibox.io import progress_bar
 
-    with progress_bar(total=0, enabled=not args.no_progress, desc="packing", unit="img") as bar:
-        def show(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    with progress_callback(not args.no_progress, "packing") as show:
         manifest = convert_source(args.src, args.out, args.image_root, args.split, args.instances,
                                   args.images_per_shard, not args.no_check, args.workers, progress=True,
                                   on_progress=show)

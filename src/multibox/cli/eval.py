@@ -73,10 +73,9 @@ def _onnx_payload(args: argparse.Namespace):
                          f"runs as it was exported")
     fixed = [a for a in args.set if a.startswith("eval.") and not a.startswith(("eval.batch_size=", "eval.backend="))]
     if fixed:
-        raise InputError(f"{args.checkpoint}: --set {fixed[0]}: an exported model's thresholds are fixed in its "
-                         f"graph (export again with other eval.* settings)")
-    kwargs = {} if args.runtime == "auto" else {"runtime": args.runtime}
-    detector = load_onnx(args.checkpoint, device=args.device, **kwargs)
+        raise InputError(f"{args.checkpoint}: --set {fixed[0]}: an exported model's eval.* settings were fixed "
+                         f"when it was exported (export again with other eval.* settings)")
+    detector = load_onnx(args.checkpoint, device=args.device, runtime=args.runtime)
     return detector, {"config": detector.cfg.to_dict(), "class_names": detector.class_names,
                       "category_ids": detector.category_ids}
 

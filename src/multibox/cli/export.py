@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from multibox.cli import command_help
-from multibox.export import DEFAULT_MAX_DETECTIONS, DYNAMO_OPSET, EXPORTER_NAMES, INPUT_DTYPE_NAMES, OPSET
+from multibox.export import (DEFAULT_CALIB_IMAGES, DEFAULT_MAX_DETECTIONS, DYNAMO_OPSET, EXPORTER_NAMES,
+                             INPUT_DTYPE_NAMES, MAX_RELATIVE_AP_DROP, OPSET)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -30,38 +31,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q = p.add_argument_group("INT8 (static QDQ quantization; decoding and NMS stay float)")
     q.add_argument("--int8", action="store_true",
                    help="quantize the network to INT8, calibrated on --calib-data, refused (non-zero exit, no file) "
-                        "when COCO AP drops by more than 1%% relative")
+                        f"when COCO AP drops by more than {MAX_RELATIVE_AP_DROP:.0%}% relative")
     q.add_argument("--calib-data", metavar="DATA",
                    help="calibration images: a COCO JSON, VOC folder, shard folder or a folder of images; annotated "
                         "data is calibrated on its training split and gated on its evaluation split")
     q.add_argument("--calib-images", type=int, default=None, metavar="N",
-                   help="images to calibrate on (default: %d)" % _default_calib_images())
+                   help=f"images to calibrate on (default: {DEFAULT_CALIB_IMAGES})")
     q.add_argument("--val-data", metavar="DATA", help="annotated data to gate on (every image of it) instead of "
                                                      "--calib-data's evaluation split")
     q.add_argument("--force", action="store_true", help="write the INT8 model without the accuracy gate")
+    q.add_argument("--runtime", choices=["auto", "onnxruntime", "openvino"], default="auto",
+                   help="the runtime the gate scores both models with: the one the model will run on "
+                        "(default: %(default)s, as multibox.load and predict choose)")
     return p
-
-
-def _default_calib_images() -> int:
-    # The one number of multibox.export.quantize the help shows; kept in step by tests/export/test_quantize.py
-    # (importing the module would pull onnxruntime into `multibox export --help`).
-    return 64
 
 
 def _run_int8(args: argparse.Namespace, export_kwargs: dict) -> int:
     from multibox.errors import InputError
-    from multibox.export.quantize import DEFAULT_CALIB_IMAGES, export_int8
+    from multibox.export.quantize import export_int8
 
     if not args.calib_data:
         raise InputError("--int8 needs --calib-data DATA (the images to calibrate the INT8 ranges on)")
     report = export_int8(args.checkpoint, args.out, args.calib_data,
                          calib_images=args.calib_images or DEFAULT_CALIB_IMAGES, val_data=args.val_data,
-                         force=args.force, **export_kwargs)
+                         force=args.force, runtime=args.runtime, **export_kwargs)
     size_mb = report.path.stat().st_size / 2**20
     if report.gated:
         accuracy = (f"AP {report.ap_float:.4f} -> {report.ap_int8:.4f} INT8 "
                     + (f"({report.relative_change:+.2%})" if report.relative_change is not None else "")
-                    + f" on {report.gate_data}")
+                    + f" on {report.gate_data}, {report.runtime}")
     else:
         accuracy = "accuracy gate skipped (--force)" if args.force else "accuracy gate not run (no annotations)"
     kept = report.keep_float
@@ -89,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     for option in ("calib_data", "calib_images", "val_data"):
         if getattr(args, option) is not None:
             raise InputError(f"--{option.replace('_', '-')} applies to --int8 exports only")
-    if args.force:
-        raise InputError("--force applies to --int8 exports only (it skips their accuracy gate)")
+    if args.force or args.runtime != "auto":
+        raise InputError("--force and --runtime apply to --int8 exports only (their accuracy gate)")
     path = export_checkpoint(args.checkpoint, args.out, **export_kwargs)
     size_mb = path.stat().st_size / 2**20
     kind = "raw outputs (loc, cls_logits, anchors_cxcywh)" if args.no_postprocess else \

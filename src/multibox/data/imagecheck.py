@@ -66,7 +66,6 @@ def inspect_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_
         hint = "; the file holds text" if _looks_like_text(data) else ""
         why = "unknown format" if isinstance(err, Image.UnidentifiedImageError) else f"{type(err).__name__}: {err}"
         return {}, [("unreadable_image", f"not a readable image ({why}){hint}")]
-    problems: list[tuple[str, str]] = []
     with im:
         raw_w, raw_h = im.size
         if max_pixels is not None and raw_w * raw_h > max_pixels:
@@ -90,19 +89,26 @@ def inspect_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_
         except Exception:  # a broken EXIF block must not hide the image's other problems
             orientation = 1
         info.update(orientation=orientation, size=(raw_h, raw_w) if orientation in (5, 6, 7, 8) else (raw_w, raw_h))
+    return info, _conversion_notes(data, info)
+
+
+def _conversion_notes(data: bytes, info: dict) -> list[tuple[str, str]]:
+    """[(kind, message)] of what reading a decodable image converts: bit depth, colour mode, EXIF rotation."""
+    notes: list[tuple[str, str]] = []
     mode = info["mode"]
     if _png_bit_depth(data) == 16 and mode not in ("I;16", "I;16B", "I;16L", "I"):
-        problems.append(("16bit_image", f"16-bit PNG (mode {mode}); scaled to 8 bit"))
+        notes.append(("16bit_image", f"16-bit PNG (mode {mode}); scaled to 8 bit"))
     elif mode in _MODE_KIND:
         how = "scaled to 8-bit RGB (x / 256)" if _MODE_KIND[mode] == "16bit_image" else "converted to 8-bit RGB"
-        problems.append((_MODE_KIND[mode], f"colour mode {mode}; {how}"))
+        notes.append((_MODE_KIND[mode], f"colour mode {mode}; {how}"))
     elif mode != "RGB":
-        problems.append(("grayscale_image" if mode.startswith("L") else "palette_image",
-                         f"colour mode {mode}; converted to 8-bit RGB"))
-    if orientation != 1:
-        problems.append(("exif_rotated", f"EXIF orientation {orientation}: stored {raw_w}x{raw_h}, used as "
-                                         f"{info['size'][0]}x{info['size'][1]}"))
-    return info, problems
+        notes.append(("grayscale_image" if mode.startswith("L") else "palette_image",
+                      f"colour mode {mode}; converted to 8-bit RGB"))
+    if info["orientation"] != 1:
+        (raw_w, raw_h), (w, h) = info["raw_size"], info["size"]
+        notes.append(("exif_rotated", f"EXIF orientation {info['orientation']}: stored {raw_w}x{raw_h}, used as "
+                                      f"{w}x{h}"))
+    return notes
 
 
 def available_cores() -> int:

@@ -54,7 +54,8 @@ eagerly; a data-dependent number of rows while exporting), which an onnxscript f
 adapter, used by the ResNet-FPN preset). The dynamo graph is smaller (no Identity nodes, constants folded, all-zero
 conv biases dropped); both quantize fully with onnxruntime's static QDQ (every Conv a QLinearConv) when the biases
 are distinct, as trained ones are, but the TorchScript one shares equal biases (e.g. the zeros of a fresh model)
-through Identity nodes, which leaves those convolutions in float.
+through Identity nodes, which leaves those convolutions in float unless onnxruntime's ``quant_pre_process`` folds
+them first (:func:`multibox.export.quantize.quantize_onnx` runs it).
 
 Default (``exporter=None``): dynamo on torch >= 2.14 (checked there on every preset; torch made it its own default
 in 2.9) with onnxscript importable, else TorchScript, with the reason logged on the ``multibox.export`` logger.

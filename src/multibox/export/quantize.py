@@ -48,6 +48,7 @@ calibration images (:func:`conv_errors`), which with MinMax ranges is the roundi
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -64,6 +65,7 @@ import numpy as np
 import torch
 
 from multibox.errors import InputError, MultiboxError
+from multibox.export import DEFAULT_CALIB_IMAGES, MAX_RELATIVE_AP_DROP
 from multibox.io import atomic_path
 
 __all__ = ["AccuracyGateError", "CALIBRATION_METHOD", "DEFAULT_CALIB_IMAGES", "FALLBACK_ROUNDS", "Int8Report",
@@ -72,8 +74,6 @@ __all__ = ["AccuracyGateError", "CALIBRATION_METHOD", "DEFAULT_CALIB_IMAGES", "F
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CALIB_IMAGES = 64
-MAX_RELATIVE_AP_DROP = 0.01
 FALLBACK_ROUNDS = 3
 CALIBRATION_METHOD = "MinMax"
 # Op types quantized when they lie between two convolutions (inside the network).
@@ -102,6 +102,7 @@ class Int8Report:
     calib_images: int = 0
     gate_data: str | None = None
     rounds: int = 1
+    runtime: str | None = None   # the runtime the gate scored both models with
 
     @property
     def relative_change(self) -> float | None:
@@ -256,7 +257,7 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ca
                         # A tensor constant on every image (a dead channel) gets a range of 0 and a scale of 0
                         # otherwise (NaN zero point); 1e-4 is far below any range that matters.
                         extra_options={"CalibStridedMinMax": _stride(len(arrays)), "MinimumRealRange": 1e-4},
-                        calibration_cache_path=ranges_cache)
+                        **_ranges_cache_argument(quantize_static, ranges_cache))
         model = onnx.load(str(quantized))
     _copy_metadata(onnx.load(str(float_path), load_external_data=False), model, {
         "format": "QDQ", "weights": "int8 per channel", "activations": "uint8 per tensor", "calibration": method,
@@ -266,6 +267,14 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ca
     with atomic_path(out_path) as tmp_file:
         onnx.save(model, str(tmp_file))
     return out_path
+
+
+def _ranges_cache_argument(quantize_static: Any, ranges_cache: str | os.PathLike | None) -> dict[str, Any]:
+    """``calibration_cache_path`` for onnxruntime's quantize_static where it has it (recent releases); older ones
+    calibrate again on every call, with the same ranges."""
+    if ranges_cache is None or "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        return {}
+    return {"calibration_cache_path": ranges_cache}
 
 
 def _stride(count: int) -> int:
@@ -463,20 +472,13 @@ def calibration_batches(images: Sequence[torch.Tensor], detector: Any, batch_siz
     return batches
 
 
-def _load(path: Path, runtime: str) -> Any:
-    """:func:`~multibox.inference.onnx.load_onnx` of ``path`` on ``runtime`` (passed only when not "auto": older
-    load_onnx has no ``runtime``)."""
-    from multibox.inference.onnx import load_onnx
-
-    return load_onnx(path) if runtime == "auto" else load_onnx(path, runtime=runtime)
-
-
 def _gate_ap(path: Path, splits: Any, runtime: str) -> float:
     """COCO AP of the graph at ``path`` on ``splits.val`` (labels matched to the data's categories by name)."""
     from multibox.evaluation.evaluate import category_map_by_name
+    from multibox.inference.onnx import load_onnx
     from multibox.inference.onnx_eval import evaluate_onnx
 
-    detector = _load(path, runtime)
+    detector = load_onnx(path, runtime=runtime)
     try:
         mapping = category_map_by_name(detector.class_names, splits, detector.category_ids)
     except ValueError as err:
@@ -550,15 +552,15 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, calib_dat
     from multibox.checkpoint import load_checkpoint
     from multibox.config import Config
     from multibox.export.onnx import export_checkpoint
-    from multibox.inference.onnx import OnnxDetector
+    from multibox.inference.onnx import OnnxDetector, resolve_runtime
 
     out = Path(out)
     cfg = Config.from_dict(load_checkpoint(checkpoint)["config"])
     data = _calibration_data(cfg, calib_data, calib_images, val_data)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="multibox-int8-") as tmp:
         float_path = export_checkpoint(checkpoint, Path(tmp) / "float.onnx", **export_kwargs)
-        batches = calibration_batches(data.images, OnnxDetector(float_path))
+        # onnxruntime only reads the graph's input here: no OpenVINO compilation for it.
+        batches = calibration_batches(data.images, OnnxDetector(float_path, runtime="onnxruntime"))
         int8_path = Path(tmp) / "int8.onnx"
         report = Int8Report(path=out, ap_float=None, ap_int8=None, gated=False, keep_float=[],
                             calib_images=len(data.images), gate_data=data.gate_name)
@@ -569,10 +571,12 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, calib_dat
                 log.warning("%s: no annotations to measure AP on: the INT8 model is written without the accuracy "
                             "gate (give annotated data with --val-data to run it)", calib_data)
         else:
+            report.runtime = resolve_runtime(runtime)
             report.ap_float, report.ap_int8, report.keep_float, report.rounds = _gated_quantization(
-                float_path, int8_path, batches, data, runtime)
+                float_path, int8_path, batches, data, report.runtime)
             report.gated = True
         report.int8_convs, report.float_convs = conv_counts(int8_path)
+        out.parent.mkdir(parents=True, exist_ok=True)   # only now: a refused model leaves no new folder either
         with atomic_path(out) as tmp_out:
             shutil.copyfile(int8_path, tmp_out)
     return report

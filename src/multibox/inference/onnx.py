@@ -34,7 +34,7 @@ from multibox.errors import InputError, MultiboxError
 from multibox.inference.detector import ImageLike, check_limits, image_batches, with_limits
 
 __all__ = ["RUNTIMES", "OnnxDetector", "OnnxModelError", "OpenVinoSession", "OrtSession", "load_onnx", "open_session",
-           "resize_batch", "resize_for_model"]
+           "resize_batch", "resize_for_model", "resolve_runtime", "split_fixed_outputs"]
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class OnnxDetector:
         for batch, sizes in image_batches(images, batch_size):
             outputs = self.run(resize_batch(batch, self.image_size, self.resize))
             if self.has_postprocess:
-                results += [_limit(det, score, max_det) for det in _split_fixed(*outputs, sizes)]
+                results += [_limit(det, score, max_det) for det in split_fixed_outputs(*outputs, sizes)]
             else:
                 loc, cls_logits, anchors = (torch.from_numpy(o) for o in outputs)
                 results += postprocess(loc, cls_logits, anchors, sizes)
@@ -244,17 +244,25 @@ def open_session(path: Path, runtime: str, providers: Sequence, threads: int,
     cpu_only = all((p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in providers)
     if runtime == "openvino" and not cpu_only:
         raise InputError(f"{path}: onnxruntime providers {list(providers)} given with runtime openvino")
-    if runtime == "auto":
-        if not cpu_only:
-            runtime = "onnxruntime"
-        elif _openvino() is None:
-            log.debug("%s: openvino is not importable; running with onnxruntime", path)
-            runtime = "onnxruntime"
-        else:
-            runtime = "openvino"
+    runtime = resolve_runtime(runtime, cpu_only)
     if runtime == "openvino":
         return OpenVinoSession(path, threads)
     return OrtSession(path, providers, threads, spin)
+
+
+def resolve_runtime(runtime: str, cpu_only: bool = True) -> str:
+    """The runtime that runs for ``runtime`` ("auto": OpenVINO for the CPU where it is importable, else
+    onnxruntime, see the module docstring)."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r}: {', '.join(RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    if not cpu_only:
+        return "onnxruntime"
+    if _openvino() is None:
+        log.debug("openvino is not importable; running with onnxruntime")
+        return "onnxruntime"
+    return "openvino"
 
 
 class OrtSession:
@@ -360,8 +368,8 @@ def _limit(det: dict[str, Tensor], score: float | None, max_det: int | None) -> 
     return {key: value[:n] for key, value in det.items()}
 
 
-def _split_fixed(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, counts: np.ndarray,
-                 sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+def split_fixed_outputs(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, counts: np.ndarray,
+                        sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
     """Fixed-size graph outputs -> per-image dicts with boxes scaled to each image's (H, W)."""
     out = []
     for i, (height, width) in enumerate(sizes):

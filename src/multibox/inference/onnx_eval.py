@@ -44,9 +44,10 @@ def raw_evaluation_images(splits: DataSplits) -> TransformedSubset:
 
 
 def evaluate_onnx(detector: Any, splits: DataSplits, progress: bool = False, return_detections: bool = False,
-                  label_to_category_id: dict[int, int | None] | None = None):
-    """COCO evaluation of ``detector`` (an :class:`~multibox.inference.onnx.OnnxDetector`, any runtime) on
-    ``splits.val`` (from :func:`multibox.data.build.build_splits`).
+                  label_to_category_id: dict[int, int | None] | None = None, cfg: Any = None):
+    """COCO evaluation of ``detector`` (an :class:`~multibox.inference.onnx.OnnxDetector`, any runtime, or anything
+    with its ``predict``) on ``splits.val`` (from :func:`multibox.data.build.build_splits`), batched and scored as
+    ``cfg`` (default ``detector.cfg``) says: ``eval.batch_size``, ``eval.backend``, ``data.num_workers``.
 
     Detections at the model's own thresholds (``predict(score=None)``: the graph's, which are the config's
     ``eval.*`` of the checkpoint, as :func:`~multibox.evaluation.evaluate.evaluate_model` applies them).
@@ -55,7 +56,7 @@ def evaluate_onnx(detector: Any, splits: DataSplits, progress: bool = False, ret
     :class:`~multibox.evaluation.coco.CocoEvalResult` (VOC metrics too for VOC data), or ``(result, COCO result
     dicts)`` with ``return_detections``.
     """
-    cfg = detector.cfg
+    cfg = detector.cfg if cfg is None else cfg
     mapping = label_to_category_id or splits.label_to_category_id
     loader = make_loader(raw_evaluation_images(splits), cfg.eval.batch_size, shuffle=False,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, collate_fn=_collate_lists)
