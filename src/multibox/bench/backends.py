@@ -196,11 +196,11 @@ class _Clock:
         self.last = now
 
 
-def _staged_torch(detector) -> Callable[[list[str]], dict[str, float]]:
-    """``predict(paths, batch_size=1)`` of a PyTorch Detector, split in :data:`STAGES` (seconds, summed)."""
-    from multibox.core.postprocess import detections_to_cpu
+def _staged(preprocess: Callable, graph: Callable, postprocess: Callable) -> Callable[[list[str]], dict[str, float]]:
+    """``predict(paths, batch_size=1)`` split in :data:`STAGES` (seconds, summed over the paths): decode, then
+    ``preprocess([image])``, ``graph(batch)``, ``postprocess(outputs, sizes)`` -- the steps of the backend's own
+    predict."""
     from multibox.inference.detector import as_uint8_chw
-    from multibox.runtime import autocast
 
     @torch.no_grad()
     def run(paths: list[str]) -> dict[str, float]:
@@ -209,43 +209,45 @@ def _staged_torch(detector) -> Callable[[list[str]], dict[str, float]]:
             clock = _Clock(totals)
             image = as_uint8_chw(path)
             clock("decode")
-            batch = detector.preprocess([image])
+            batch = preprocess([image])
             clock("preprocess")
-            with autocast(detector.device, detector.dtype):
-                loc, cls = detector.model(batch)
+            outputs = graph(batch)
             clock("graph")
-            detections_to_cpu(detector.postprocess(loc, cls, detector.model.anchors_cxcywh,
-                                                   [tuple(image.shape[-2:])]))
+            postprocess(outputs, [tuple(image.shape[-2:])])
             clock("postprocess")
         return totals
 
     return run
+
+
+def _staged_torch(detector) -> Callable[[list[str]], dict[str, float]]:
+    """:func:`_staged` of a PyTorch Detector."""
+    from multibox.core.postprocess import detections_to_cpu
+    from multibox.runtime import autocast
+
+    def graph(batch):
+        with autocast(detector.device, detector.dtype):
+            return detector.model(batch)
+
+    def postprocess(outputs, sizes):
+        loc, cls = outputs
+        detections_to_cpu(detector.postprocess(loc, cls, detector.model.anchors_cxcywh, sizes))
+
+    return _staged(detector.preprocess, graph, postprocess)
 
 
 def _staged_onnx(detector) -> Callable[[list[str]], dict[str, float]]:
-    """``predict(paths, batch_size=1)`` of an OnnxDetector, split in :data:`STAGES` (seconds, summed)."""
-    from multibox.inference.detector import as_uint8_chw
-    from multibox.inference.onnx import resize_for_model, split_fixed_outputs
+    """:func:`_staged` of an OnnxDetector, preprocessed by ``resize_batch`` as its predict is."""
+    from multibox.inference.onnx import resize_batch, split_fixed_outputs
 
-    def run(paths: list[str]) -> dict[str, float]:
-        totals = dict.fromkeys(STAGES, 0.0)
-        for path in paths:
-            clock = _Clock(totals)
-            image = as_uint8_chw(path)
-            clock("decode")
-            batch = torch.stack([resize_for_model(image, detector.image_size, detector.resize)])
-            clock("preprocess")
-            outputs = detector.run(batch)
-            clock("graph")
-            sizes = [tuple(image.shape[-2:])]
-            if detector.has_postprocess:
-                split_fixed_outputs(*outputs, sizes)
-            else:
-                detector.postprocess(*(torch.from_numpy(o) for o in outputs), sizes)
-            clock("postprocess")
-        return totals
+    def postprocess(outputs, sizes):
+        if detector.has_postprocess:
+            split_fixed_outputs(*outputs, sizes)
+        else:
+            detector.postprocess(*(torch.from_numpy(o) for o in outputs), sizes)
 
-    return run
+    return _staged(lambda images: resize_batch(images, detector.image_size, detector.resize), detector.run,
+                   postprocess)
 
 
 def _torch_candidate(name: str, subject: Subject) -> Candidate:
