@@ -13,8 +13,8 @@ from pathlib import Path
 
 from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
 
-__all__ = ["available_cores", "decode_cleanly_all", "decodes_cleanly", "image_check_pool", "inspect_image_bytes",
-           "training_decode_problem"]
+__all__ = ["decode_cleanly_all", "decodes_cleanly", "image_check_pool", "inspect_image_bytes",
+           "training_decode_problem", "worker_count"]
 
 _UNUSABLE = ("unreadable_image", "truncated_image", "oversized_image")
 
@@ -111,8 +111,11 @@ def _conversion_notes(data: bytes, info: dict) -> list[tuple[str, str]]:
     return notes
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where that is unknown)."""
+def worker_count(workers: int) -> int:
+    """``workers`` as asked, or for 0 (or less) every core this process may run on (its affinity mask;
+    ``os.cpu_count()`` where that is unknown)."""
+    if workers > 0:
+        return workers
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:

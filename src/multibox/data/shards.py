@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from multibox.core.boxes import ltwh_to_xyxy
 from multibox.data.coco import DetectionDataset, ImageRecord
-from multibox.data.imagecheck import available_cores, decode_cleanly_all, image_check_pool, training_decode_problem
+from multibox.data.imagecheck import decode_cleanly_all, image_check_pool, training_decode_problem, worker_count
 from multibox.data.policy import CONVERT_DROPS, LoadReport, has_training_box
 from multibox.errors import MultiboxError
 from multibox.io import atomic_path, atomic_write_text, file_sha256, remove_leftover_temporaries
@@ -238,7 +238,7 @@ _CHUNK = 32   # images (paths or bytes) per task of a worker: ~60 ms of checking
 def _check_pool(workers: int):
     """Worker processes for the image checks (0: every core; None when one is asked for); see
     :func:`multibox.data.imagecheck.image_check_pool` for why processes and ``forkserver``."""
-    workers = available_cores() if workers <= 0 else workers
+    workers = worker_count(workers)
     return image_check_pool(workers, picklable=True) if workers > 1 else None
 
 

@@ -58,7 +58,7 @@ import numpy as np
 # Not multibox.data.coco at import time (it imports torch): the image-checking worker processes import this module,
 # and stay ~600 MB smaller without torch; check_coco imports it when it runs.
 from multibox.config import DEFAULT_MAX_IMAGE_PIXELS
-from multibox.data.imagecheck import available_cores, image_check_pool, inspect_image_bytes
+from multibox.data.imagecheck import image_check_pool, inspect_image_bytes, worker_count
 from multibox.data.policy import (BOX_CLIPPED, BOX_KEPT, BOX_NEGATIVE, BOX_NONFINITE, BOX_OUTSIDE, BOX_ZERO_SIZE,
                                   classify_boxes)
 
@@ -198,7 +198,7 @@ def _run_image_checks(jobs: list[tuple], workers: int, max_pixels: int | None = 
                       progress: Progress | None = None, full_decode: bool = False) -> list[Problem]:
     """Check every image of ``jobs`` (``_check_image_file`` arguments) on ``workers`` cores (0: all of them);
     problems in the order of ``jobs`` whatever the number of workers. ``progress(done, total)`` after each chunk."""
-    workers = available_cores() if workers <= 0 else workers
+    workers = worker_count(workers)
     chunks = [jobs[k: k + CHUNK] for k in range(0, len(jobs), CHUNK)]
     out: list[Problem] = []
     done = 0
