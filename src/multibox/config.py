@@ -67,6 +67,10 @@ class AnchorConfig:
     # Per level null (from scales and aspect_ratios) or the explicit [w, h] list of one location's boxes, in
     # units of the image: layouts no scale rule gives (MindSpore's model zoo; fitted boxes).
     sizes: list[list[list[float]] | None] | None = None
+    # Before training, fit the boxes' shapes to the data (multibox.data.anchor_fitting): true | false | auto (when
+    # they match too few of the objects the grid can match, no sizes are given and no detector is fine-tuned).
+    # Fitted boxes are written to `sizes`, so the run's config and checkpoint carry them.
+    fit: bool | str = "auto"
 
 
 @dataclass
@@ -261,6 +265,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} expects a number{also}, got {value!r}")
         if not allowed.contains(value):
             raise ConfigError(f"config key {key!r} = {value!r} is out of range: it must be {allowed}")
+    if not (isinstance(cfg.anchors.fit, bool) or cfg.anchors.fit == "auto"):
+        raise ConfigError(f"config key 'anchors.fit' expects true, false or auto, got {cfg.anchors.fit!r}")
     if cfg.train.epochs == "auto" and cfg.train.schedule == "multistep":
         # The milestones are epochs of a run of known length; sized by the data they would fall anywhere.
         raise ConfigError("train.epochs: auto sizes a warmup_cosine schedule; train.schedule multistep takes its "

@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-data": ("check_data", "validate a dataset: every problem with its file and annotation id"),
     "import-weights": ("import_weights", "convert torchvision (SSD300, SSDLite) or MindSpore (tutorial, model zoo) "
                                          "weights into a checkpoint, recognising the network"),
+    "anchors": ("anchors", "how well a model's default boxes fit a dataset (and fitting them to it)"),
     "bench": ("bench", "benchmark multibox against torchvision's SSD300 (or the arch's twin) in one process"),
 }
 

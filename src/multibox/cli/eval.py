@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from multibox.evaluation.coco import format_per_class_table, write_eval_json
     from multibox.evaluation.evaluate import category_map_by_name
     from multibox.evaluation.provenance import checkpoint_record, eval_provenance
+    from multibox.evaluation.anchors import anchors_html
     from multibox.evaluation.report import write_eval_report
     from multibox.inference.detector import model_format
 
@@ -134,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     write_eval_json(json_path, result, extra=provenance)
     files = write_eval_report(report_dir, result, splits.val_gt, detections, splits.class_names,
                               metrics_jsonl=Path(args.checkpoint).parent / "metrics.jsonl",
-                              images=splits.val, image_ids=splits.val_image_ids, provenance=provenance)
+                              images=splits.val, image_ids=splits.val_image_ids, provenance=provenance,
+                              sections=anchors_html(report_dir) if report_dir == Path(args.checkpoint).parent else [])
     print(f"wrote {json_path} and the report {files['index']}")
     return 0

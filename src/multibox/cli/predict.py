@@ -44,6 +44,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="auto | cpu | cuda[:i] (ONNX models: auto = cpu; cuda needs onnxruntime-gpu)")
     p.add_argument("--threads", type=int, default=0,
                    help="threads of an ONNX model's runtime (0 = its default: one per physical core)")
+    p.add_argument("--tile", type=int, metavar="PX",
+                   help="also predict each image and frame in overlapping PX x PX tiles (at least 32) and merge the "
+                        "boxes with the whole image's (class-wise NMS): small objects in large images "
+                        "(default: off)")
+    p.add_argument("--tile-overlap", type=float, default=0.2, metavar="FRACTION",
+                   help="the fraction of a tile shared with the next, in [0, 1) (default: %(default)s)")
     add_inference_arguments(p)
     p.add_argument("--no-draw", action="store_true", help="write detections.json only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                              runtime=args.runtime)
     summary = run_predict(detector, args.inputs, args.out, score=args.score, classes=args.classes,
                           max_det=args.max_det, batch_size=args.batch_size, progress=not args.no_progress,
-                          draw=not args.no_draw)
+                          draw=not args.no_draw, tile=args.tile, tile_overlap=args.tile_overlap)
     parts = [f"{summary['images']} images"]
     if summary["videos"] or summary["frames"]:
         parts.append(f"{summary['frames']} frames of {summary['videos']} videos")

@@ -39,6 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="share of objects drawn from the small band LO-0.08 (default: 0.15)")
     p.add_argument("--aspect", type=_span(float), default=(0.6, 1.6), metavar="LO-HI",
                    help="width/height of ellipses, rectangles, rings and crosses (default: 0.6-1.6)")
+    p.add_argument("--log-aspect", action="store_true",
+                   help="draw the aspect ratio log-uniformly in LO-HI: as many tall shapes as wide ones")
     p.add_argument("--side", type=_span(int), default=(256, 416), metavar="MIN-MAX",
                    help="image width and height in pixels, each drawn in MIN-MAX (default: 256-416)")
     p.add_argument("--clutter", type=float, default=0.0,
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         path = generate_synthetic_coco(
             args.out, num_images=args.num_images, seed=args.seed, num_classes=args.classes,
             min_objects=args.objects[0], max_objects=args.objects[1], size_range=args.sizes,
-            small_fraction=args.small_fraction, aspect_range=args.aspect, min_side=args.side[0],
+            small_fraction=args.small_fraction, aspect_range=args.aspect, log_aspect=args.log_aspect,
+            min_side=args.side[0],
             max_side=args.side[1], clutter=args.clutter, empty_fraction=args.empty,
             grain=args.noise)
     except ValueError as err:   # an impossible combination of options: one line, as for any bad input

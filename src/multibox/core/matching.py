@@ -53,7 +53,8 @@ class Matches:
         return self.labels > 0
 
 
-def match_tutorial(gt_boxes_xyxy: Tensor, gt_labels: Tensor, anchors_xyxy: Tensor, iou_threshold: float) -> Matches:
+def match_tutorial(gt_boxes_xyxy: Tensor, gt_labels: Tensor, anchors_xyxy: Tensor, iou_threshold: float,
+                   iou: Tensor | None = None) -> Matches:
     """The tutorial's rule, vectorised.
 
     Each ground truth's best anchor (first on ties) scores 2.0 instead of its IoU; each anchor then takes the
@@ -62,9 +63,11 @@ def match_tutorial(gt_boxes_xyxy: Tensor, gt_labels: Tensor, anchors_xyxy: Tenso
 
     Args:
         gt_boxes_xyxy: (B, G, 4); gt_labels: (B, G) with ``PAD_LABEL`` for padding; anchors_xyxy: (A, 4).
+        iou: their (B, G, A) IoU when the caller has it already.
     """
     valid = gt_labels != PAD_LABEL                                      # (B, G)
-    iou = box_iou_xyxy(gt_boxes_xyxy, anchors_xyxy)                     # (B, G, A)
+    if iou is None:
+        iou = box_iou_xyxy(gt_boxes_xyxy, anchors_xyxy)                 # (B, G, A)
     best_anchor = iou.argmax(dim=2, keepdim=True)                       # (B, G, 1)
     iou = iou.scatter(2, best_anchor, 2.0)
     # Padding can never win: it scores below any real IoU.
@@ -75,11 +78,15 @@ def match_tutorial(gt_boxes_xyxy: Tensor, gt_labels: Tensor, anchors_xyxy: Tenso
     return Matches(gt_index=gt_index, labels=labels)
 
 
-def match_torchvision(gt_boxes_xyxy: Tensor, gt_labels: Tensor, anchors_xyxy: Tensor, iou_threshold: float) -> Matches:
+def match_torchvision(gt_boxes_xyxy: Tensor, gt_labels: Tensor, anchors_xyxy: Tensor, iou_threshold: float,
+                      iou: Tensor | None = None) -> Matches:
     """torchvision's ``SSDMatcher``: best ground truth per anchor above the threshold, then every ground
-    truth is forced onto its best anchor (the later box wins when two share one)."""
+    truth is forced onto its best anchor (the later box wins when two share one). ``iou``: as
+    :func:`match_tutorial`'s."""
     valid = gt_labels != PAD_LABEL
-    iou = box_iou_xyxy(gt_boxes_xyxy, anchors_xyxy).masked_fill(~valid[..., None], -1.0)
+    if iou is None:
+        iou = box_iou_xyxy(gt_boxes_xyxy, anchors_xyxy)
+    iou = iou.masked_fill(~valid[..., None], -1.0)
     score, gt_index = iou.max(dim=1)
     positive = score >= iou_threshold
     best_anchor = iou.argmax(dim=2)                                     # (B, G)

@@ -246,19 +246,26 @@ class ImageRecord:
                 "crowd": np.asarray(cols[7], bool)}
 
 
-def training_target(record: ImageRecord, category_id_to_label: dict[int, int], width: int, height: int,
-                    keep_crowd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def trained_rows(record: ImageRecord, category_id_to_label: dict[int, int], width: int, height: int,
+                 keep_crowd: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The policy for boxes: ltwh -> xyxy, crowd left out, the boxes :func:`~multibox.data.policy.classify_boxes`
     drops at (width, height) dropped, the rest clipped to the image.
 
-    Returns ``boxes`` float32 (k, 4) xyxy pixels and ``labels`` int64 (k,).
+    Returns the (n,) mask of the record's boxes kept, their float64 (k, 4) xyxy pixels and int64 (k,) labels.
     """
     keep = trained_boxes(record, width, height, keep_crowd)
     xyxy = ltwh_to_xyxy(record.bbox_ltwh[keep])  # numpy float64, as COCO's own maths
     xyxy[:, 0::2] = xyxy[:, 0::2].clip(0.0, float(width))
     xyxy[:, 1::2] = xyxy[:, 1::2].clip(0.0, float(height))
     labels = np.asarray([category_id_to_label[int(c)] for c in record.category_ids[keep]], np.int64)
-    return torch.from_numpy(xyxy.astype(np.float32)).reshape(-1, 4), torch.from_numpy(labels)
+    return keep, xyxy.reshape(-1, 4), labels
+
+
+def training_target(record: ImageRecord, category_id_to_label: dict[int, int], width: int, height: int,
+                    keep_crowd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`trained_rows` as training takes them: ``boxes`` float32 (k, 4) xyxy pixels, ``labels`` int64 (k,)."""
+    _, xyxy, labels = trained_rows(record, category_id_to_label, width, height, keep_crowd)
+    return torch.from_numpy(xyxy.astype(np.float32)), torch.from_numpy(labels)
 
 
 # --------------------------------------------------------------------------- base dataset

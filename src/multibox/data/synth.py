@@ -192,7 +192,8 @@ def _regular_polygon(num: int, angle: float, inner_ratio: float | None = None) -
 
 
 def _render_shape(
-    rng: np.random.Generator, kind: str, long_side: float, aspect_range: tuple[float, float] = _ASPECT_RANGE
+    rng: np.random.Generator, kind: str, long_side: float, aspect_range: tuple[float, float] = _ASPECT_RANGE,
+    log_aspect: bool = False,
 ) -> tuple[Image.Image, np.ndarray, tuple[float, float, float, float], float]:
     """Rasterise one shape on its own small canvas.
 
@@ -202,7 +203,7 @@ def _render_shape(
     the shape's area in pixels (exact count of supersampled pixels / ss^2).
     """
     ss = 4 if long_side < 100 else 2  # supersampling factor; big shapes need less
-    aspect = rng.uniform(*aspect_range)  # width / height
+    aspect = math.exp(rng.uniform(*np.log(aspect_range))) if log_aspect else rng.uniform(*aspect_range)  # w / h
     if kind in ("triangle", "star", "hexagon", "diamond"):
         if kind == "triangle":
             verts = _regular_polygon(3, rng.uniform(0.0, 2.0 * math.pi / 3))
@@ -326,6 +327,7 @@ class Variety(NamedTuple):
     size_range: tuple[float, float] = DEFAULT_SIZE_RANGE
     small_fraction: float = DEFAULT_SMALL_FRACTION
     aspect_range: tuple[float, float] = _ASPECT_RANGE
+    log_aspect: bool = False
     clutter: float = 0.0
     empty_fraction: float = 0.0
     grain: tuple[float, float] = (2.0, 8.0)
@@ -337,7 +339,7 @@ def _try_shape(rng: np.random.Generator, canvas: _Canvas, variety: Variety) -> b
     cls = int(rng.integers(0, len(variety.classes)))
     long_side = _sample_long_side(rng, min(width, height), variety.size_range, variety.small_fraction)
     mask, mask_u8, (bx0, by0, bx1, by1), area = _render_shape(rng, variety.classes[cls].shape, long_side,
-                                                               variety.aspect_range)
+                                                               variety.aspect_range, variety.log_aspect)
     ch, cw = mask_u8.shape
     if cw > width or ch > height:
         return False
@@ -362,7 +364,7 @@ def _draw_clutter(rng: np.random.Generator, image: Image.Image, variety: Variety
     for _ in range(int(rng.poisson(variety.clutter))):
         shape = _CLUTTER_SHAPES[int(rng.integers(0, len(_CLUTTER_SHAPES)))]
         long_side = _sample_long_side(rng, min(image.size), variety.size_range, variety.small_fraction)
-        mask, mask_u8, _, _ = _render_shape(rng, shape, long_side, variety.aspect_range)
+        mask, mask_u8, _, _ = _render_shape(rng, shape, long_side, variety.aspect_range, variety.log_aspect)
         ch, cw = mask_u8.shape
         if cw <= image.width and ch <= image.height:
             px, py = int(rng.integers(0, image.width - cw + 1)), int(rng.integers(0, image.height - ch + 1))
@@ -405,7 +407,7 @@ def _params(num_images: int, seed: int, min_side: int, max_side: int, variety: V
         "jpeg_quality": int(jpeg_quality),
     }
     demo = Variety(tuple(synth_classes()))
-    for key in ("min_objects", "clutter", "empty_fraction"):
+    for key in ("min_objects", "log_aspect", "clutter", "empty_fraction"):
         if getattr(variety, key) != getattr(demo, key):
             params[key] = getattr(variety, key)
     for key in ("aspect_range", "grain"):
@@ -511,6 +513,7 @@ def generate_synthetic_coco(
     num_classes: int = len(_CLASS_SPECS),
     min_objects: int = 1,
     aspect_range: tuple[float, float] = _ASPECT_RANGE,
+    log_aspect: bool = False,
     clutter: float = 0.0,
     empty_fraction: float = 0.0,
     grain: tuple[float, float] = (2.0, 8.0),
@@ -532,6 +535,7 @@ def generate_synthetic_coco(
             (log-uniform there; otherwise log-uniform in [0.08, hi]).
         num_classes: 1..24 classes (:func:`synth_classes`; the demo's six by default).
         aspect_range: width / height of ellipses, rectangles, rings and crosses.
+        log_aspect: draw that ratio log-uniformly (as many tall shapes as wide ones) instead of uniformly.
         clutter: mean number of unannotated distractor shapes per image (Poisson).
         empty_fraction: share of images drawn without objects (clutter only).
         grain: range of the background's noise standard deviation (0..255 units).
@@ -542,7 +546,7 @@ def generate_synthetic_coco(
     """
     classes = synth_classes(num_classes)
     variety = Variety(tuple(classes), min_objects, max_objects, tuple(size_range), small_fraction,
-                      tuple(aspect_range), clutter, empty_fraction, tuple(grain))
+                      tuple(aspect_range), log_aspect, clutter, empty_fraction, tuple(grain))
     _check_params(num_images, min_side, max_side, variety)
     out_dir = Path(out_dir)
     params = _params(num_images, seed, min_side, max_side, variety, jpeg_quality)

@@ -3,8 +3,9 @@
 Writes into the run folder: ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every epoch, every
 ``train.checkpoint_every_minutes`` and every ``train.checkpoint_every_steps`` steps), ``epoch_N.pt`` (every
 ``train.checkpoint_every`` epochs), ``best.pt`` (highest AP), ``eval.json`` (evaluation of ``best.pt``, with what
-was evaluated), ``curves.png`` and at the end the report of ``best.pt`` (``pr_curves.png``,
-``confusion_matrix.png``, ``samples.png``, ``index.html``).
+was evaluated), ``curves.png``, ``anchors.json`` / ``anchors.png`` (how the default boxes fit the training data,
+and ``anchors.fit``'s decision: :mod:`multibox.engine.anchors`) and at the end the report of ``best.pt``
+(``pr_curves.png``, ``confusion_matrix.png``, ``samples.png``, ``index.html``).
 
 How long: ``train.epochs`` (a number, or ``auto``: sized by the data, :func:`multibox.engine.budget.auto_epochs`),
 or a time budget ``train.time`` (``--time 15m``) that settles the epochs once a minute of training is timed
@@ -61,6 +62,7 @@ from multibox.core.losses import build_criterion
 from multibox.core.matching import build_encoder
 from multibox.data.build import DataSplits, EpochShuffleSampler, build_splits, make_loader
 from multibox.data.gpu_transforms import DeviceAugmentLoader, build_batch_augment
+from multibox.engine.anchors import RunRecord, fit_run_anchors
 from multibox.engine.budget import BudgetFit, MEASURE_SECONDS, auto_epochs, fit_epochs_to_budget
 from multibox.engine.interrupt import StopRequest, TrainingInterrupted
 from multibox.engine.loop import EpochProgress, NonFiniteTrainingError, StepOptions, StepParts, train_one_epoch
@@ -68,6 +70,7 @@ from multibox.engine.optim import build_optimizer, make_grad_scaler
 from multibox.engine.schedules import build_lr_schedule
 from multibox.engine.state import (RunLog, check_finite_weights, checkpoint_payload, gather_rng, last_good_message,
                                    restore_training_state, rewind_log)
+from multibox.evaluation.anchors import anchors_html
 from multibox.evaluation.coco import CocoEvalResult, format_per_class_table, write_eval_json
 from multibox.evaluation.evaluate import evaluate_model
 from multibox.evaluation.plots import plot_training_curves
@@ -114,6 +117,7 @@ class Run:
     best_detections: list[dict] | None = None   # rank 0: best_result's detections that its report draws
     started: float = field(default_factory=time.monotonic)     # when the run began (train.time counts from it)
     training: tuple[float, int] | None = None    # (monotonic s, global step) when this process's first step began
+    anchors: RunRecord | None = None             # rank 0 of a new run: anchors.json / anchors.png to write
 
     @property
     def device(self) -> torch.device:
@@ -166,7 +170,8 @@ def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, ex
     # read; a resumed run's last.pt holds its weights, and a dry run's step does not need them.
     initial = None if resume else InitialWeights() if dry_run else plan_weights(cfg, env)
     started = time.monotonic()
-    run = build_run(cfg, out, device, env, progress=progress and env.is_main, initial=initial)
+    run = build_run(cfg, out, device, env, progress=progress and env.is_main, initial=initial,
+                    fit_anchors=not (resume or dry_run))
     run.started = started
     if dry_run:
         return dry_run_step(run)
@@ -245,14 +250,17 @@ def _prepare_process(cfg: Config, device: torch.device) -> None:
 
 
 def build_run(cfg: Config, out: Path, device: torch.device, env: mbdist.DistEnv, progress: bool,
-              initial: InitialWeights | None = None) -> Run:
+              initial: InitialWeights | None = None, fit_anchors: bool = False) -> Run:
     """The data, the model, the optimizer and this rank's training loader, in an order that fixes the RNG draws
-    (initial weights from the common seed, then each rank its own stream)."""
+    (initial weights from the common seed, then each rank its own stream). ``fit_anchors``: a new run applies
+    ``anchors.fit`` before the model is built (a resumed one has its boxes in its config)."""
     splits = build_splits(cfg)
     if cfg.train.epochs == "auto":
         cfg.train.epochs = auto_epochs(len(splits.train), cfg.train.auto_images, cfg.train.auto_max_epochs)
         _info(f"train.epochs = {cfg.train.epochs} (auto: about {cfg.train.auto_images:,} training images seen, "
               f"{len(splits.train):,} per epoch)")
+    anchors = fit_run_anchors(cfg, splits, env, fine_tuning=initial is not None and initial.detector is not None) \
+        if fit_anchors else None
     model = _build_model(cfg, splits, device, env, initial)
     data_report = _flat_counts(splits.load_report)   # build_splits has logged it; metrics.jsonl records it
     if env.rank:
@@ -268,7 +276,8 @@ def build_run(cfg: Config, out: Path, device: torch.device, env: mbdist.DistEnv,
     parts = StepParts(train_model, criterion, encoder, optimizer, build_lr_schedule(cfg.train, steps_per_epoch),
                       device, make_grad_scaler(cfg, device), StepOptions.from_config(cfg, device, progress))
     log = RunLog(out / "metrics.jsonl") if env.is_main else None
-    return Run(cfg, out, env, splits, model, parts, sampler, loader, steps_per_epoch, data_report, log)
+    return Run(cfg, out, env, splits, model, parts, sampler, loader, steps_per_epoch, data_report, log,
+               anchors=anchors)
 
 
 def _build_model(cfg: Config, splits: DataSplits, device: torch.device, env: mbdist.DistEnv,
@@ -343,6 +352,8 @@ def start_run(run: Run) -> None:
         return
     run.out.mkdir(parents=True, exist_ok=True)
     save_config(run.cfg, run.out / "config.yaml")
+    if run.anchors is not None:
+        run.anchors.write(run.out)
     # Starting over in a folder (exist_ok): an earlier run's last.pt must not be resumed under this config.
     for name in ("metrics.jsonl", "last.pt"):
         (run.out / name).unlink(missing_ok=True)
@@ -534,7 +545,7 @@ def finish(run: Run) -> dict:
         logger.info(format_per_class_table(run.best_result.per_class))
         write_eval_report(run.out, run.best_result, run.splits.val_gt, run.best_detections or [],
                           run.splits.class_names, metrics_jsonl=run.out / "metrics.jsonl", images=run.splits.val,
-                          image_ids=run.splits.val_image_ids, provenance=final)
+                          image_ids=run.splits.val_image_ids, provenance=final, sections=anchors_html(run.out))
     logger.info(f"best AP {final['AP']:.4f} (AP50 {final['AP50']:.4f}) at epoch {run.best.get('epoch')}; "
                 f"run folder {run.out}")
     skipped = _skipped_images(run.out / "metrics.jsonl")

@@ -429,8 +429,19 @@ def _provenance_html(provenance: Mapping[str, Any] | None) -> tuple[str, str]:
     return html.escape(heading), table
 
 
+PAGE_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin: 0 2em 1em 0; }
+th, td { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.tables { display: flex; flex-wrap: wrap; align-items: flex-start; }
+figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #ddd; }
+.note { color: #666; }
+"""
+
+
 def _html(title: str, result: CocoEvalResult, names: Sequence[str], pictures: Sequence[tuple[str, str]],
-          notes: Sequence[str], provenance: Mapping[str, Any] | None) -> str:
+          notes: Sequence[str], provenance: Mapping[str, Any] | None, sections: Sequence[str] = ()) -> str:
     heading, evaluated = _provenance_html(provenance)
     at_50, _ = _pr_slices(result)
     with _quiet_nanmean():
@@ -446,15 +457,7 @@ def _html(title: str, result: CocoEvalResult, names: Sequence[str], pictures: Se
     # The inline script records on <body> how many pictures loaded (tests read it from headless Chromium).
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}{heading}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0 2em 1em 0; }}
-th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-.tables {{ display: flex; flex-wrap: wrap; align-items: flex-start; }}
-figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
-.note {{ color: #666; }}
-</style></head>
+<style>{PAGE_STYLE}</style></head>
 <body data-images-loaded="pending">
 <h1>{html.escape(title)}{heading}</h1>
 <p>{result.num_images} images, {result.num_detections} detections, evaluated with {html.escape(result.backend)}.</p>
@@ -465,6 +468,7 @@ figure {{ margin: 1em 0; }} img {{ max-width: 100%; border: 1px solid #ddd; }}
 </div>
 {note_html}
 {figures}
+{"".join(sections)}
 <script>
 window.addEventListener("load", function () {{
   var imgs = Array.prototype.slice.call(document.images);
@@ -479,19 +483,18 @@ window.addEventListener("load", function () {{
 def write_eval_report(out_dir: str | os.PathLike, result: CocoEvalResult,
                       coco_gt: str | os.PathLike | Mapping[str, Any], detections: Sequence[Mapping[str, Any]],
                       class_names: Sequence[str] | None = None, metrics_jsonl: str | os.PathLike | None = None,
-                      images: ImageSource | None = None,
-                      image_root: str | os.PathLike | None = None, image_ids: Iterable[Any] | None = None,
+                      images: ImageSource | None = None, image_root: str | os.PathLike | None = None,
+                      image_ids: Iterable[Any] | None = None,
                       score_threshold: float = CONFUSION_SCORE_THRESHOLD, iou_threshold: float = 0.5,
                       num_samples: int = 8, title: str = "multibox evaluation",
-                      provenance: Mapping[str, Any] | None = None) -> dict[str, Path]:
+                      provenance: Mapping[str, Any] | None = None, sections: Sequence[str] = ()) -> dict[str, Path]:
     """Write the pictures and ``index.html`` (see the module docstring); returns ``{name: path}`` of the files.
 
     Args:
         result: the evaluation (its precision array gives the curves).
         coco_gt: the ground truth (COCO JSON path or dict) that ``result`` was computed against.
         detections: the COCO results that were evaluated (``bbox`` = [x, y, w, h] pixels).
-        class_names: ``["background", name_1, ...]`` in category-id order, for display; default: the ground
-            truth's category names.
+        class_names: ``["background", name_1, ...]`` in category-id order (default: the ground truth's names).
         metrics_jsonl: a run's ``metrics.jsonl``; gives ``curves.png`` when it exists.
         images: where the sample grid's pictures come from: ``{image id: file}``, a function image id -> uint8
             (3, H, W) tensor, or the evaluation dataset (e.g. ``splits.val``: read with its ``load_image``, so COCO,
@@ -499,7 +502,7 @@ def write_eval_report(out_dir: str | os.PathLike, result: CocoEvalResult,
             the JSON's folder, then its ``images/``).
         image_ids: the evaluated images (e.g. a held-out split); default: every ground-truth image.
         score_threshold: detections counted in the confusion matrix (samples: see :func:`samples_figure`).
-        num_samples: images in the sample grid.
+        num_samples: images in the sample grid. sections: HTML for the end of the page (a run's default boxes).
         provenance: what was evaluated, shown at the top of the page: the record of
             :func:`multibox.evaluation.provenance.eval_provenance` (checkpoint, data, thresholds, evaluator).
     """
@@ -534,7 +537,8 @@ def write_eval_report(out_dir: str | os.PathLike, result: CocoEvalResult,
         written["curves"] = plot_training_curves(metrics_jsonl, out / "curves.png")
         pictures.append(("curves.png", "Training: loss and learning rate per step, AP per evaluation"))
 
-    written["index"] = atomic_write_text(out / "index.html", _html(title, result, names, pictures, notes, provenance))
+    page = _html(title, result, names, pictures, notes, provenance, sections)
+    written["index"] = atomic_write_text(out / "index.html", page)
     return written
 
 

@@ -25,6 +25,9 @@ Filters, applied in this order: the detector's own postprocessing, with ``--scor
 cap an image may keep fewer). ``--score`` defaults to :data:`DISPLAY_SCORE`, or the model's own
 ``eval.score_threshold`` where that is higher: the evaluation threshold is low, right for mAP, and would draw some
 hundred boxes per picture.
+
+``tile`` (``--tile``): each image and frame is also predicted in overlapping tiles of that many pixels and the
+detections merged (:class:`multibox.inference.tiling.TiledDetector`), for small objects in large images.
 """
 from __future__ import annotations
 
@@ -311,9 +314,12 @@ class _Predictor:
 
 def run_predict(detector, inputs: Sequence[str | Path], out: str | Path, score: float | None = None,
                 classes: Sequence[str] | None = None, max_det: int | None = None, batch_size: int = 8,
-                progress: bool = True, draw: bool = True) -> dict:
+                progress: bool = True, draw: bool = True, tile: int | None = None,
+                tile_overlap: float = 0.2) -> dict:
     """Predict on images, folders and videos; write ``detections.json``, ``images/`` and ``videos/`` into ``out``
-    (see the module's documentation). ``score`` None: :func:`display_score`.
+    (see the module's documentation). ``score`` None: :func:`display_score`. ``tile``: also predict in tiles of
+    that many pixels, overlapping by ``tile_overlap`` of a tile, and merge
+    (:class:`~multibox.inference.tiling.TiledDetector`); None: whole images only.
 
     Returns a summary: ``images``, ``frames``, ``videos`` (read), ``detections``, ``skipped`` (``{"path",
     "reason"}`` per input left out), ``seconds``, ``images_per_second``.
@@ -321,6 +327,9 @@ def run_predict(detector, inputs: Sequence[str | Path], out: str | Path, score: 
     from multibox.inference.video import video_info
 
     out = Path(out)
+    if tile is not None:
+        from multibox.inference.tiling import TiledDetector
+        detector = TiledDetector(detector, tile, tile_overlap)   # checks both before any input is read
     found = collect_inputs(inputs, exclude=out)
     labels = parse_classes(classes, detector.class_names, detector.category_ids)
     run = _Predictor(detector, out, display_score(detector, score), max_det, labels, draw, batch_size, found.skipped)
