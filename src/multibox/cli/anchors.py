@@ -50,12 +50,13 @@ def _rows(title: str, key: str, rows: list[dict], fitted: list[dict] | None) -> 
     def cell(v) -> str:
         return "-" if v is None else f"{v:.3f}"
     head = f"{title:>10s} {'objects':>8s} {'recall':>7s} {'mean IoU':>8s} {'pos/obj':>7s}"
-    lines = [head + ("  recall (fitted)  mean IoU (fitted)" if fitted else "")]
+    lines = [head + ("  recall (fitted)  mean IoU (fitted)  pos/obj (fitted)" if fitted else "")]
     for i, r in enumerate(rows):
         line = f"{r[key]:>10s} {r['objects']:>8d} {cell(r['recall']):>7s} {cell(r['mean_iou']):>8s} " \
                f"{cell(r['positives']):>7s}"
         if fitted:
-            line += f"  {cell(fitted[i]['recall']):>15s}  {cell(fitted[i]['mean_iou']):>17s}"
+            line += f"  {cell(fitted[i]['recall']):>15s}  {cell(fitted[i]['mean_iou']):>17s}  " \
+                    f"{cell(fitted[i]['positives']):>16s}"
         lines.append(line)
     return lines
 

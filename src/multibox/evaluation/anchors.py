@@ -203,12 +203,12 @@ def html_section(analysis: dict[str, Any], picture: str | None = "anchors.png",
     for key, name in (("by_level", "level"), ("by_size", "size"), ("by_aspect", "aspect")):
         head = "".join(f"<th>{h}</th>" for h in (name, "objects", "recall", "mean IoU", "positives"))
         if fitted is not None:
-            head += "<th>recall (fitted)</th><th>mean IoU (fitted)</th>"
+            head += "<th>recall (fitted)</th><th>mean IoU (fitted)</th><th>positives (fitted)</th>"
         body = ""
         for i, row in enumerate(analysis[key]):
             cells = [row[name], row["objects"], row["recall"], row["mean_iou"], row["positives"]]
             if fitted is not None:
-                cells += [fitted[key][i]["recall"], fitted[key][i]["mean_iou"]]
+                cells += [fitted[key][i]["recall"], fitted[key][i]["mean_iou"], fitted[key][i]["positives"]]
             body += "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>"
         parts.append(f"<table><caption>by {name}</caption><tr>{head}</tr>{body}</table>")
     parts.append("</div>")
