@@ -11,7 +11,7 @@ from torchvision.ops import box_iou
 
 from multibox.config import load_config
 from multibox.core.anchor_fit import (ShapeGrid, best_iou_per_shape, fit_shapes, kmeans_iou_wh, local_search,
-                                      score_shapes)
+                                      score_shapes, search_value)
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
 from multibox.core.boxes import cxcywh_to_xyxy
 
@@ -88,8 +88,10 @@ def test_fitting_long_thin_objects_matches_them_and_never_scores_below_the_given
     # Boxes that already fit: the search keeps what it is given or improves it, nothing worse
     square = _objects(1000, seed=5, log_side=(math.log(0.1), math.log(0.8)), log_aspect=(-0.3, 0.3))
     before = score_shapes(square, grid, 0.5, strict=False)
-    after = score_shapes(square, local_search(square, grid, 0.5, strict=False), 0.5, strict=False)
+    searched = local_search(square, grid, 0.5, strict=False)
+    after = score_shapes(square, searched, 0.5, strict=False)
     assert after.value >= before.value
+    assert search_value(square, searched, 0.5, strict=False) >= search_value(square, grid, 0.5, strict=False)
 
 
 def test_fit_keeps_the_number_of_boxes_per_level():

@@ -12,7 +12,7 @@ from torchvision.ops import box_iou
 
 from multibox.config import ConfigError, load_config
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
-from multibox.core.boxes import cxcywh_to_xyxy
+from multibox.core.boxes import cxcywh_to_xyxy, xyxy_to_ltwh
 from multibox.data.anchor_fitting import AUTO_FIT_MIN_RECALL, fit_anchors
 from multibox.data.objects import ObjectTable
 from multibox.evaluation import anchors as analysis_module
@@ -25,8 +25,7 @@ def _table(boxes_cxcywh: torch.Tensor, image_size=(640, 480), per_image: int = 1
     n = len(boxes_cxcywh)
     image = torch.arange(n) // per_image
     scale = torch.tensor([image_size[0], image_size[1]] * 2, dtype=torch.float64)
-    ltwh = cxcywh_to_xyxy(boxes_cxcywh.double()) * scale
-    ltwh[:, 2:] -= ltwh[:, :2]
+    ltwh = xyxy_to_ltwh(cxcywh_to_xyxy(boxes_cxcywh.double()) * scale)
     return ObjectTable(boxes_cxcywh.double(), ltwh, image, torch.arange(n) + 1, torch.ones(n, dtype=torch.long),
                        ltwh[:, 2] * ltwh[:, 3], {int(i): f"img{int(i)}.jpg" for i in image.unique()})
 

@@ -89,11 +89,10 @@ def _report_lines(report: dict, fitted: dict | None, listed: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from multibox.core.anchor_fit import sample_rows
-    from multibox.core.anchors import anchor_spec
     from multibox.data.anchor_fitting import describe_fit, fit_anchors
     from multibox.data.build import open_dataset
     from multibox.data.objects import object_table
-    from multibox.evaluation.anchors import analyse_anchors, anchor_record, html_page, write_anchor_record
+    from multibox.evaluation.anchors import AnchorReport, html_page
     from multibox.io import atomic_write_text
 
     cfg = _config(args)
@@ -101,10 +100,9 @@ def run(args: argparse.Namespace) -> int:
     limit = args.max_images if args.max_images > 0 else len(dataset)
     indices = sample_rows(len(dataset), limit, cfg.train.seed).tolist()
     table = object_table(dataset, indices)
-    spec = anchor_spec(cfg.anchors, cfg.model.image_size)
-    before = analyse_anchors(table, cfg, spec)
     decision = fit_anchors(cfg, table, True if args.fit else None)
-    after = analyse_anchors(table, cfg, decision.spec(spec)) if decision.fitted else None
+    report = AnchorReport.of(cfg, table, decision)
+    before, after = report.before, report.after
     if len(indices) < len(dataset):
         print(f"{len(indices)} of {len(dataset)} images, drawn at random (--max-images 0: all)")
     print("\n".join(_report_lines(before.report, after.report if after else None, args.list)))
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         print("fitted boxes, for --set or a config file:\n  anchors.sizes="
               + json.dumps([[[round(v, 4) for v in wh] for wh in level] for level in decision.sizes]))
     out = Path(args.out or Path("runs") / f"anchors-{Path(args.data).stem or 'data'}")
-    write_anchor_record(out, anchor_record(cfg, decision, before, after), table, before, after)
+    report.write(out)
     atomic_write_text(out / "index.html", html_page(f"multibox anchors: {args.data}", before.report,
                                                     after.report if after else None))
     print(f"wrote {out / 'anchors.json'}, {out / 'anchors.png'} and {out / 'index.html'}")

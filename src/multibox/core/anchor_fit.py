@@ -75,12 +75,16 @@ def _paired_iou_cxcywh(cx: Tensor, cy: Tensor, w: Tensor, h: Tensor, gt_cxcywh: 
     return inter / (w * h + gw * gh - inter)
 
 
+def _nearest_centres(gt: Tensor, grid: ShapeGrid) -> tuple[Tensor, Tensor]:
+    """(N, 4) objects -> (N, S) x and (N, S) y of the grid centre of each shape nearest to each object."""
+    return _nearest_centre(gt[:, 0], grid.cells, grid.density), _nearest_centre(gt[:, 1], grid.cells, grid.density)
+
+
 def best_iou_per_shape(gt_cxcywh: Tensor, grid: ShapeGrid) -> Tensor:
     """(N, 4) objects -> (N, S): each object's best IoU with each shape over all of that shape's positions
     (its max over the default boxes of the shape, computed at the grid centre nearest to the object)."""
     gt = gt_cxcywh.to(torch.float64)
-    cx = _nearest_centre(gt[:, 0], grid.cells, grid.density)
-    cy = _nearest_centre(gt[:, 1], grid.cells, grid.density)
+    cx, cy = _nearest_centres(gt, grid)
     return _paired_iou_cxcywh(cx, cy, grid.wh[:, 0], grid.wh[:, 1], gt)
 
 
@@ -89,15 +93,20 @@ def own_shape_iou(gt_cxcywh: Tensor, grid: ShapeGrid) -> Tensor:
     nearest centre of the best level). Below the matching threshold, no shape could match the object: its grid
     is too coarse for it, whatever the default boxes are."""
     gt = gt_cxcywh.to(torch.float64)
-    cx = _nearest_centre(gt[:, 0], grid.cells, grid.density)
-    cy = _nearest_centre(gt[:, 1], grid.cells, grid.density)
+    cx, cy = _nearest_centres(gt, grid)
     return _paired_iou_cxcywh(cx, cy, gt[:, 2:3], gt[:, 3:4], gt).max(dim=1).values
+
+
+def reaches(iou: Tensor, threshold: float, strict: bool) -> Tensor:
+    """The matcher's test: IoU > threshold (the tutorial's rule) or >= (torchvision's)."""
+    return iou > threshold if strict else iou >= threshold
 
 
 @dataclass(frozen=True)
 class FitScore:
     """How well a set of shapes matches the objects: ``recall`` = share whose best IoU reaches the matching
-    threshold, ``mean_iou`` = mean best IoU. ``value`` = their sum, what the search maximises."""
+    threshold, ``mean_iou`` = mean best IoU; ``value`` = their sum. (The search maximises :func:`search_value`,
+    which also counts the positives beyond an object's best box.)"""
 
     recall: float
     mean_iou: float
@@ -106,15 +115,14 @@ class FitScore:
     def value(self) -> float:
         return self.recall + self.mean_iou
 
-
-def reaches(iou: Tensor, threshold: float, strict: bool) -> Tensor:
-    """The matcher's test: IoU > threshold (the tutorial's rule) or >= (torchvision's)."""
-    return iou > threshold if strict else iou >= threshold
+    @staticmethod
+    def of(best_iou: Tensor, threshold: float, strict: bool) -> "FitScore":
+        """The score of (N,) objects' best IoUs."""
+        return FitScore(float(reaches(best_iou, threshold, strict).double().mean()), float(best_iou.mean()))
 
 
 def score_shapes(gt_cxcywh: Tensor, grid: ShapeGrid, threshold: float, strict: bool) -> FitScore:
-    best = best_iou_per_shape(gt_cxcywh, grid).max(dim=1).values
-    return FitScore(float(reaches(best, threshold, strict).double().mean()), float(best.mean()))
+    return FitScore.of(best_iou_per_shape(gt_cxcywh, grid).max(dim=1).values, threshold, strict)
 
 
 def kmeans_iou_wh(wh: Tensor, k: int, iterations: int = 30, seed: int = 0) -> Tensor:
@@ -206,6 +214,7 @@ def _columns(gt: Tensor, grid: ShapeGrid, threshold: float, strict: bool) -> tup
 
 
 def search_value(gt_cxcywh: Tensor, grid: ShapeGrid, threshold: float, strict: bool) -> float:
+    """What :func:`local_search` maximises for (N, 4) objects and ``grid``'s shapes (see :func:`_search_value`)."""
     ious, counts = _columns(gt_cxcywh.to(torch.float64), grid, threshold, strict)
     return _search_value(ious.max(dim=1).values, counts.sum(dim=1))
 
@@ -266,4 +275,5 @@ def sample_rows(num: int, limit: int, seed: int = 0) -> Tensor:
 
 
 __all__ = ["FitScore", "ShapeGrid", "best_iou_per_shape", "fit_shapes", "kmeans_iou_wh", "kmeans_shapes",
-           "level_of_objects", "local_search", "own_shape_iou", "reaches", "sample_rows", "score_shapes"]
+           "level_of_objects", "local_search", "own_shape_iou", "reaches", "sample_rows", "score_shapes",
+           "search_value"]

@@ -55,15 +55,16 @@ def strict_matching(cfg: Config) -> bool:
     return cfg.loss.match_rule == "tutorial"
 
 
-def matchable_recall(boxes_cxcywh: torch.Tensor, grid: ShapeGrid, threshold: float, strict: bool) -> float:
-    """(N, 4) objects -> recall among those the grid can match (1.0 when there are none)."""
+def matchable_recall(boxes_cxcywh: torch.Tensor, best_iou: torch.Tensor, grid: ShapeGrid, threshold: float,
+                     strict: bool) -> float:
+    """Recall among the (N, 4) objects the grid can match (1.0 when there are none), from their (N,) best IoUs
+    with ``grid``'s shapes."""
     long_side = boxes_cxcywh[:, 2:].max(dim=1).values
     matchable = (long_side >= grid.wh.prod(dim=1).min().sqrt()) & reaches(own_shape_iou(boxes_cxcywh, grid),
                                                                            threshold, strict)
     if not matchable.any():
         return 1.0
-    best = best_iou_per_shape(boxes_cxcywh[matchable], grid).max(dim=1).values
-    return float(reaches(best, threshold, strict).double().mean())
+    return float(reaches(best_iou[matchable], threshold, strict).double().mean())
 
 
 def _kept(mode: bool | str, cfg: Config, matchable: float, fine_tuning: bool, empty: bool) -> str | None:
@@ -94,8 +95,9 @@ def fit_anchors(cfg: Config, table: ObjectTable, mode: bool | str | None = None,
     grid = ShapeGrid.of(spec)
     boxes = table.boxes_cxcywh[sample_rows(len(table), MAX_FIT_OBJECTS, cfg.train.seed)]
     threshold, strict = cfg.loss.iou_threshold, strict_matching(cfg)
-    before = score_shapes(boxes, grid, threshold, strict) if len(boxes) else FitScore(1.0, 1.0)
-    matchable = matchable_recall(boxes, grid, threshold, strict) if len(boxes) else 1.0
+    best = best_iou_per_shape(boxes, grid).max(dim=1).values
+    before = FitScore.of(best, threshold, strict) if len(boxes) else FitScore(1.0, 1.0)
+    matchable = matchable_recall(boxes, best, grid, threshold, strict) if len(boxes) else 1.0
     kept = _kept(mode, cfg, matchable, fine_tuning, not len(boxes))
     if kept is not None:
         sizes = [[list(wh) for wh in spec.location_sizes(k)] for k in range(len(spec.feature_sizes))]

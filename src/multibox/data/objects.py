@@ -44,6 +44,13 @@ class ObjectTable:
     def __len__(self) -> int:
         return int(self.boxes_cxcywh.shape[0])
 
+    def of_images(self, indices: list[int]) -> "ObjectTable":
+        """The objects of the dataset images ``indices`` only (in this table's order)."""
+        keep = torch.isin(self.image_index, torch.as_tensor(indices, dtype=torch.int64))
+        images = set(self.image_index[keep].tolist())
+        return ObjectTable(self.boxes_cxcywh[keep], self.bbox_ltwh[keep], self.image_index[keep], self.ann_id[keep],
+                           self.labels[keep], self.area_px[keep], {i: f for i, f in self.files.items() if i in images})
+
 
 def object_table(dataset: DetectionDataset, indices: list[int] | None = None) -> ObjectTable:
     """The trained objects of ``dataset`` (of its ``indices``, default all), in network units."""

@@ -9,18 +9,15 @@ it is built leaves no folder), writes ``anchors.json`` and ``anchors.png``, whic
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 
 from multibox import distributed as mbdist
 from multibox.config import Config
 from multibox.core.anchor_fit import sample_rows
-from multibox.core.anchors import anchor_spec
 from multibox.data.anchor_fitting import describe_fit, fit_anchors
 from multibox.data.build import DataSplits
-from multibox.data.objects import ObjectTable, object_table
+from multibox.data.objects import object_table
 from multibox.errors import MultiboxError
-from multibox.evaluation.anchors import AnchorAnalysis, analyse_anchors, anchor_record, write_anchor_record
+from multibox.evaluation.anchors import AnchorReport
 
 logger = logging.getLogger("multibox.train")
 
@@ -28,22 +25,10 @@ logger = logging.getLogger("multibox.train")
 RECORD_IMAGES = 2000
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """A run's ``anchors.json`` / ``anchors.png``, computed before the model is built, written once it starts."""
-
-    record: dict
-    table: ObjectTable
-    before: AnchorAnalysis
-    after: AnchorAnalysis | None
-
-    def write(self, out: Path) -> None:
-        write_anchor_record(out, self.record, self.table, self.before, self.after)
-
-
-def fit_run_anchors(cfg: Config, splits: DataSplits, env: mbdist.DistEnv, fine_tuning: bool) -> RunRecord | None:
+def fit_run_anchors(cfg: Config, splits: DataSplits, env: mbdist.DistEnv,
+                    fine_tuning: bool) -> AnchorReport | None:
     """Apply ``anchors.fit`` to ``cfg`` (``anchors.sizes`` set when fitted). ``fine_tuning``: the run starts from
-    a detector's weights. Returns the run's record on rank 0 (None elsewhere)."""
+    a detector's weights. Returns the run's record on rank 0 (None elsewhere), to write once the run starts."""
     pending, failure = None, None
     if env.is_main:
         try:
@@ -61,14 +46,11 @@ def fit_run_anchors(cfg: Config, splits: DataSplits, env: mbdist.DistEnv, fine_t
     return pending
 
 
-def _decide(cfg: Config, splits: DataSplits, fine_tuning: bool) -> RunRecord:
+def _decide(cfg: Config, splits: DataSplits, fine_tuning: bool) -> AnchorReport:
     """Rank 0: the decision on every training object, and its analysis on up to :data:`RECORD_IMAGES` images."""
-    dataset, indices = splits.train.dataset, splits.train.indices
-    result = fit_anchors(cfg, object_table(dataset, indices), fine_tuning=fine_tuning)
+    indices = splits.train.indices
+    table = object_table(splits.train.dataset, indices)
+    result = fit_anchors(cfg, table, fine_tuning=fine_tuning)
     logger.info(describe_fit(result))
-    table = object_table(dataset, [indices[i] for i in sample_rows(len(indices), RECORD_IMAGES,
-                                                                   cfg.train.seed).tolist()])
-    spec = anchor_spec(cfg.anchors, cfg.model.image_size)
-    before = analyse_anchors(table, cfg, spec)
-    after = analyse_anchors(table, cfg, result.spec(spec)) if result.fitted else None
-    return RunRecord(anchor_record(cfg, result, before, after), table, before, after)
+    recorded = [indices[i] for i in sample_rows(len(indices), RECORD_IMAGES, cfg.train.seed).tolist()]
+    return AnchorReport.of(cfg, table.of_images(recorded), result)

@@ -62,7 +62,7 @@ from multibox.core.losses import build_criterion
 from multibox.core.matching import build_encoder
 from multibox.data.build import DataSplits, EpochShuffleSampler, build_splits, make_loader
 from multibox.data.gpu_transforms import DeviceAugmentLoader, build_batch_augment
-from multibox.engine.anchors import RunRecord, fit_run_anchors
+from multibox.engine.anchors import fit_run_anchors
 from multibox.engine.budget import BudgetFit, MEASURE_SECONDS, auto_epochs, fit_epochs_to_budget
 from multibox.engine.interrupt import StopRequest, TrainingInterrupted
 from multibox.engine.loop import EpochProgress, NonFiniteTrainingError, StepOptions, StepParts, train_one_epoch
@@ -70,7 +70,7 @@ from multibox.engine.optim import build_optimizer, make_grad_scaler
 from multibox.engine.schedules import build_lr_schedule
 from multibox.engine.state import (RunLog, check_finite_weights, checkpoint_payload, gather_rng, last_good_message,
                                    restore_training_state, rewind_log)
-from multibox.evaluation.anchors import anchors_html
+from multibox.evaluation.anchors import AnchorReport, anchors_html
 from multibox.evaluation.coco import CocoEvalResult, format_per_class_table, write_eval_json
 from multibox.evaluation.evaluate import evaluate_model
 from multibox.evaluation.plots import plot_training_curves
@@ -117,7 +117,7 @@ class Run:
     best_detections: list[dict] | None = None   # rank 0: best_result's detections that its report draws
     started: float = field(default_factory=time.monotonic)     # when the run began (train.time counts from it)
     training: tuple[float, int] | None = None    # (monotonic s, global step) when this process's first step began
-    anchors: RunRecord | None = None             # rank 0 of a new run: anchors.json / anchors.png to write
+    anchors: AnchorReport | None = None          # rank 0 of a new run: anchors.json / anchors.png to write
 
     @property
     def device(self) -> torch.device:

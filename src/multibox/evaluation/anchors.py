@@ -227,22 +227,34 @@ def html_page(title: str, analysis: dict[str, Any], fitted: dict[str, Any] | Non
             f"{html_section(analysis, 'anchors.png', fitted)}</body></html>")
 
 
-def anchor_record(cfg: Config, decision: AnchorFit, before: AnchorAnalysis,
-                  after: AnchorAnalysis | None) -> dict[str, Any]:
-    """``anchors.json``: the config's ``anchors`` section as given (before fitting), what ``anchors.fit`` decided
-    (``sizes``: the boxes used), and the analysis of the boxes before and after fitting (``after`` None: not
+@dataclass(frozen=True)
+class AnchorReport:
+    """An ``anchors.fit`` decision with the analysis of the boxes before and after it on ``table``: what
+    ``anchors.json`` and ``anchors.png`` hold. ``record`` is ``anchors.json``: the config's ``anchors`` section as
+    given (before fitting), the decision (``sizes``: the boxes used) and both analyses (``after`` None: not
     fitted)."""
-    return {"anchors": dataclasses.asdict(cfg.anchors), "fitted": decision.fitted, "reason": decision.reason,
-            "matchable_recall": decision.matchable_recall, "sizes": decision.sizes,
-            "before": before.report, "after": after.report if after else None}
 
+    record: dict[str, Any]
+    table: ObjectTable
+    before: AnchorAnalysis
+    after: AnchorAnalysis | None
 
-def write_anchor_record(out: Path, record: dict[str, Any], table: ObjectTable, before: AnchorAnalysis,
-                        after: AnchorAnalysis | None) -> list[Path]:
-    """Write ``anchors.json`` and ``anchors.png`` into ``out``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    return [atomic_write_text(out / RECORD_FILE, json.dumps(record, indent=1)),
-            plot_anchors(table, before, out / "anchors.png", after)]
+    @staticmethod
+    def of(cfg: Config, table: ObjectTable, decision: AnchorFit) -> "AnchorReport":
+        """Analyse ``cfg``'s boxes (as given, before any fitting) and the fitted ones on ``table``."""
+        spec = anchor_spec(cfg.anchors, cfg.model.image_size)
+        before = analyse_anchors(table, cfg, spec)
+        after = analyse_anchors(table, cfg, decision.spec(spec)) if decision.fitted else None
+        record = {"anchors": dataclasses.asdict(cfg.anchors), "fitted": decision.fitted, "reason": decision.reason,
+                  "matchable_recall": decision.matchable_recall, "sizes": decision.sizes,
+                  "before": before.report, "after": after.report if after else None}
+        return AnchorReport(record, table, before, after)
+
+    def write(self, out: Path) -> list[Path]:
+        """Write ``anchors.json`` and ``anchors.png`` into ``out``; returns their paths."""
+        out.mkdir(parents=True, exist_ok=True)
+        return [atomic_write_text(out / RECORD_FILE, json.dumps(self.record, indent=1)),
+                plot_anchors(self.table, self.before, out / "anchors.png", self.after)]
 
 
 def anchors_html(folder: Path) -> list[str]:
