@@ -172,6 +172,18 @@ def make_voc(root: Path, objects_per_image: dict[str, list[tuple]], splits: dict
     return voc
 
 
+def scene_uint8(height: int, width: int, seed: int) -> torch.Tensor:
+    """A natural-ish uint8 image: smooth gradients plus a few flat rectangles (sharp edges)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    img = torch.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)]).float()
+    for _ in range(4):
+        x1 = int(torch.randint(0, width - 40, (1,), generator=g))
+        y1 = int(torch.randint(0, height - 40, (1,), generator=g))
+        img[:, y1:y1 + 30 + x1 % 50, x1:x1 + 30 + y1 % 50] = torch.randint(0, 256, (3, 1, 1), generator=g).float()
+    return img.to(torch.uint8)
+
+
 def random_boxes_xyxy(width: int, height: int, n: int, g: torch.Generator) -> torch.Tensor:
     """n integer boxes, at least 6 px a side, inside a width x height image."""
     x1 = torch.randint(0, width - 8, (n,), generator=g)

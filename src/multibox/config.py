@@ -28,6 +28,7 @@ IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 # The names of eval.precision besides "auto": the keys of multibox.runtime.PRECISIONS, here so that the command
 # line's parser knows them without importing torch.
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
+RESIZE_MODES = ("antialias", "torchvision", "letterbox")
 # Images whose header declares more pixels are refused before decoding (data.max_image_pixels, check-data).
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
@@ -36,7 +37,7 @@ DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 class ModelConfig:
     arch: str = "tiny"                     # tiny | ssd300_vgg16_seed | ssd300_vgg16 | ssdlite320_mobilenet_v3 | ...
     num_classes: int = 80                  # object classes, background excluded
-    image_size: int = 300
+    image_size: int | list[int] = 300      # S (an S x S input) or [H, W], e.g. [320, 544] for 16:9 video
     widths: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 128, 128, 128, 128])  # tiny only
     head: str = "conv"                     # conv (3x3 conv) | separable (tutorial: depthwise 3x3, BN, ReLU6, 1x1)
     head_layers: int = 4                   # head shared (zoo SSD-FPN: weight-shared towers over levels): tower depth
@@ -58,8 +59,12 @@ class ModelConfig:
 
 @dataclass
 class AnchorConfig:
-    feature_sizes: list[int] = field(default_factory=lambda: [38, 19, 10, 5, 3, 1])
-    steps: list[float] | None = field(default_factory=lambda: [8, 16, 32, 64, 100, 300])  # None: f_k = feature size
+    # Feature map sizes, one per level: f or [f_h, f_w]. null: the network's at model.image_size (a pass on the
+    # meta device, multibox.models.feature_sizes); given, they must equal those.
+    feature_sizes: list[int | list[int]] | None = None
+    # Centres at (j + 0.5) / f_k with f_k = image_size / step (the paper's SSD300); null, or a non-square input:
+    # f_k = the feature size on each axis. Dropped with feature_sizes written for another input size.
+    steps: list[float] | None = field(default_factory=lambda: [8, 16, 32, 64, 100, 300])
     scales: list[float] | None = None      # None: the tutorial's 0.1 .. 0.95 rule, then 1.0
     aspect_ratios: list[list[float]] = field(default_factory=lambda: [[2], [2, 3], [2, 3], [2, 3], [2], [2]])
     clip: bool = False
@@ -71,6 +76,9 @@ class AnchorConfig:
     # they match too few of the objects the grid can match, no sizes are given and no detector is fine-tuned).
     # Fitted boxes are written to `sizes`, so the run's config and checkpoint carry them.
     fit: bool | str = "auto"
+    # Boxes per location of the fitted layout, on every level (null: as many as the level has). Set, the boxes are
+    # fitted whatever `auto` would decide, and the network gets a box head of that width.
+    fit_boxes: int | None = None
 
 
 @dataclass
@@ -102,7 +110,8 @@ class DataConfig:
     jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4])
     num_workers: int = 2
     # --- the paper's augmentation and torchvision's preprocessing (data/transforms.py)
-    resize: str = "antialias"              # antialias (uint8, antialiased) | torchvision (float bilinear, no antialias)
+    resize: str = "antialias"              # antialias (uint8, antialiased) | torchvision (float bilinear, no
+                                           # antialias) | letterbox (aspect kept, padded: multibox.core.resize)
     photometric: bool = False              # photometric distortion as torchvision's RandomPhotometricDistort
     zoom_out: float = 0.0                  # largest zoom-out ("expand") ratio; <= 1 disables (paper: 4)
     zoom_out_p: float = 0.5                # probability of a zoom-out when enabled
@@ -216,7 +225,6 @@ class Range(typing.NamedTuple):
 # starts.
 _PROBABILITY, _COUNT, _POSITIVE, _NON_NEGATIVE = Range(0, 1), Range(0), Range(1), Range(0.0)
 RANGES: dict[str, Range] = {
-    "model.image_size": _POSITIVE,
     "data.val_fraction": Range(0, 1, high_open=True),
     "data.num_workers": _COUNT,
     "data.flip_p": _PROBABILITY,
@@ -265,12 +273,27 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key {key!r} expects a number{also}, got {value!r}")
         if not allowed.contains(value):
             raise ConfigError(f"config key {key!r} = {value!r} is out of range: it must be {allowed}")
+    _check_image_size(cfg.model.image_size)
+    if cfg.data.resize not in RESIZE_MODES:
+        raise ConfigError(f"config key 'data.resize' expects one of {', '.join(RESIZE_MODES)}, got {cfg.data.resize!r}")
     if not (isinstance(cfg.anchors.fit, bool) or cfg.anchors.fit == "auto"):
         raise ConfigError(f"config key 'anchors.fit' expects true, false or auto, got {cfg.anchors.fit!r}")
+    if cfg.anchors.fit_boxes is not None and (not _whole(cfg.anchors.fit_boxes) or cfg.anchors.fit is False):
+        raise ConfigError(f"config key 'anchors.fit_boxes' expects a number of boxes per location with anchors.fit "
+                          f"true or auto, got {cfg.anchors.fit_boxes!r} with anchors.fit {cfg.anchors.fit!r}")
     if cfg.train.epochs == "auto" and cfg.train.schedule == "multistep":
         # The milestones are epochs of a run of known length; sized by the data they would fall anywhere.
         raise ConfigError("train.epochs: auto sizes a warmup_cosine schedule; train.schedule multistep takes its "
                           "milestones in epochs, so give train.epochs a number")
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_image_size(size: Any) -> None:
+    if not (_whole(size) or isinstance(size, (list, tuple)) and len(size) == 2 and all(map(_whole, size))):
+        raise ConfigError(f"config key 'model.image_size' expects a size S or [H, W] of whole pixels, got {size!r}")
 
 
 def merge(cfg: Any, raw: dict[str, Any], prefix: str = "") -> None:

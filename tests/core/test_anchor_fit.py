@@ -14,6 +14,7 @@ from multibox.core.anchor_fit import (ShapeGrid, best_iou_per_shape, fit_shapes,
                                       score_shapes, search_value)
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
 from multibox.core.boxes import cxcywh_to_xyxy
+from multibox.models import model_anchor_spec
 
 
 def _objects(n: int, seed: int, log_side=(-4.0, 0.0), log_aspect=(-1.0, 1.0)) -> torch.Tensor:
@@ -25,12 +26,13 @@ def _objects(n: int, seed: int, log_side=(-4.0, 0.0), log_aspect=(-1.0, 1.0)) ->
     return torch.cat((torch.rand(n, 2, generator=g, dtype=torch.float64), wh), 1)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "ssd300-vgg16", "ssdlite320-mobilenet-v3", "ssd300-mobilenet-v2"])
-def test_best_iou_per_shape_is_the_max_over_every_default_box(preset):
-    # Steps that do not divide the input (300/8), clipped sizes (torchvision), no steps (SSDLite) and explicit
-    # per-level sizes (the zoo's MobileNetV2) all go through the nearest-centre shortcut.
-    cfg = load_config(preset)
-    spec = anchor_spec(cfg.anchors, cfg.model.image_size)
+@pytest.mark.parametrize("preset, overrides", [
+    ("tiny", []), ("ssd300-vgg16", []), ("ssdlite320-mobilenet-v3", []), ("ssd300-mobilenet-v2", []),
+    ("tiny", ["model.image_size=[320, 544]"]), ("ssd300-mobilenet-v2", ["model.image_size=[288, 512]"])])
+def test_best_iou_per_shape_is_the_max_over_every_default_box(preset, overrides):
+    # Steps that do not divide the input (300/8), clipped sizes (torchvision), no steps (SSDLite), explicit
+    # per-level sizes (the zoo's MobileNetV2) and non-square grids all go through the nearest-centre shortcut.
+    spec = model_anchor_spec(load_config(preset, overrides))
     gt = _objects(600, seed=1)
     grid = ShapeGrid.of(spec)
     per_shape = best_iou_per_shape(gt, grid)
@@ -38,8 +40,8 @@ def test_best_iou_per_shape_is_the_max_over_every_default_box(preset):
     assert per_shape.shape == (600, len(grid.wh))
     torch.testing.assert_close(per_shape.max(dim=1).values, reference.max(dim=1).values, rtol=0, atol=1e-12)
     # and shape by shape: each column is the max over that shape's positions
-    flat_shape = torch.cat([torch.arange(int((grid.level < k).sum()), int((grid.level <= k).sum())).repeat(f * f)
-                            for k, f in enumerate(spec.feature_sizes)])
+    flat_shape = torch.cat([torch.arange(int((grid.level < k).sum()), int((grid.level <= k).sum()))
+                            .repeat(math.prod(spec.grid_hw(k))) for k in range(len(spec.feature_sizes))])
     for s in (0, len(grid.wh) // 2, len(grid.wh) - 1):
         torch.testing.assert_close(per_shape[:, s], reference[:, flat_shape == s].max(dim=1).values, rtol=0,
                                    atol=1e-12)

@@ -202,3 +202,55 @@ def test_explicit_sizes_and_feature_size_centres_by_hand():
     root = math.sqrt(0.5 * 0.9)   # level 1 from its scale: (s, s), then the extra box (no aspect ratios)
     torch.testing.assert_close(boxes[8:], torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, root, root]],
                                                        dtype=torch.float64))
+
+
+def test_non_square_grid_against_torchvision():
+    """A 320x544 input (16:9 video) on VGG16's maps there: torchvision's centres on the feature grid (steps
+    null), and the paper's scales as fractions of the shorter side, so the aspect-1 boxes are square in pixels
+    (torchvision's normalised pairs stretch them to the input's aspect: 0.07 of 320 tall, 0.07 of 544 wide)."""
+    grid = [(40, 68), (20, 34), (10, 17), (5, 9), (3, 7), (1, 5)]
+    spec = AnchorSpec(grid, STEPS, TV_SCALES, ASPECT_RATIOS, (320, 544), clip=False, extra_box_second=True)
+    ref = DefaultBoxGenerator(aspect_ratios=ASPECT_RATIOS, scales=TV_SCALES, clip=False)._grid_default_boxes(
+        grid, [320, 544])
+    ours = default_boxes_cxcywh(spec, torch.float64)
+    assert spec.num_anchors() == ours.shape[0] == ref.shape[0] == sum(h * w * k for (h, w), k in
+                                                                      zip(grid, [4, 6, 6, 6, 4, 4]))
+    torch.testing.assert_close(ours[:, :2], ref[:, :2].double(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours[:, 2:] * torch.tensor([544.0, 320.0], dtype=torch.float64),
+                               ref[:, 2:].double() * 320, rtol=0, atol=1e-4)
+    first = ours[0] * torch.tensor([544, 320, 544, 320], dtype=torch.float64)   # (0.5/68 * 544, 0.5/40 * 320)
+    torch.testing.assert_close(first, torch.tensor([4.0, 4.0, 0.07 * 320, 0.07 * 320], dtype=torch.float64))
+
+
+def test_network_feature_sizes_are_the_maps_the_model_computes():
+    from multibox.models import build_model, network_feature_sizes
+    cfg = load_config("tiny", ["model.image_size=[320, 544]"])
+    sizes = network_feature_sizes(cfg)
+    model = build_model(cfg)
+    maps = model.backbone(torch.zeros(1, 3, 320, 544))
+    assert sizes == [tuple(m.shape[-2:]) for m in maps]
+    assert cfg.anchors.feature_sizes == [s[0] if s[0] == s[1] else list(s) for s in sizes]   # resolved in place
+    loc, cls = model(torch.zeros(1, 3, 320, 544))
+    assert loc.shape[1] == cls.shape[1] == model.anchors_cxcywh.shape[0]
+
+
+def test_feature_sizes_for_another_input_are_replaced(caplog):
+    from multibox.models import resolve_feature_sizes
+    cfg = load_config("ssd300-vgg16", ["model.image_size=[320, 544]"])   # the preset lists 300x300's maps
+    with caplog.at_level("INFO"):
+        resolve_feature_sizes(cfg)
+    assert cfg.anchors.feature_sizes == [[40, 68], [20, 34], [10, 17], [5, 9], [3, 7], [1, 5]]
+    assert "ssd300_vgg16's maps at 320x544 are [[40, 68]" in caplog.text
+    assert cfg.anchors.steps is None            # written for 300x300 too
+    square = resolve_feature_sizes(load_config("ssd300-vgg16", ["model.image_size=416"]))
+    # 416 / 300 = 1.39, yet the last map has 3 cells: the steps would put centres past the image
+    assert square.anchors.feature_sizes == [52, 26, 13, 7, 5, 3] and square.anchors.steps is None
+    native = resolve_feature_sizes(load_config("ssd300-vgg16"))
+    assert native.anchors.steps == [8, 16, 32, 64, 100, 300]
+
+
+def test_image_size_too_small_for_the_network_is_a_config_error():
+    from multibox.config import ConfigError
+    from multibox.models import network_feature_sizes
+    with pytest.raises(ConfigError, match="model.image_size .* too small for ssd300_vgg16"):
+        network_feature_sizes(load_config("ssd300-vgg16", ["model.image_size=[64, 300]"]))

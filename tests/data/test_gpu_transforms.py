@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
-from _data_builders import mask_extent, random_boxes_xyxy
+from _data_builders import mask_extent, random_boxes_xyxy, scene_uint8
 from multibox.config import load_config
 from multibox.data.gpu_transforms import (
     AugmentBatch,
@@ -33,18 +33,6 @@ SIZES = [(240, 320), (375, 500), (180, 260), (420, 300)]   # (H, W): a batch of 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _scene(height: int, width: int, seed: int) -> torch.Tensor:
-    """A natural-ish uint8 image: smooth gradients plus a few flat rectangles (sharp edges)."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    img = torch.stack([xx * 255 // width, yy * 255 // height, (xx + yy) * 255 // (width + height)]).float()
-    for _ in range(4):
-        x1 = int(torch.randint(0, width - 40, (1,), generator=g))
-        y1 = int(torch.randint(0, height - 40, (1,), generator=g))
-        img[:, y1:y1 + 30 + x1 % 50, x1:x1 + 30 + y1 % 50] = torch.randint(0, 256, (3, 1, 1), generator=g).float()
-    return img.to(torch.uint8)
-
-
 def _target(boxes: torch.Tensor, height: int, width: int, image_id: int = 0) -> dict:
     return {"boxes": boxes, "labels": torch.arange(1, boxes.shape[0] + 1), "image_id": image_id,
             "orig_size": (height, width)}
@@ -62,7 +50,7 @@ def test_same_parameters_give_the_cpu_transforms_boxes_and_nearly_its_image(resi
     g = torch.Generator().manual_seed(0)
     zoomed = flipped = hue = permuted = 0
     for round_ in range(4):
-        images = [_scene(h, w, 10 * round_ + i) for i, (h, w) in enumerate(SIZES)]
+        images = [scene_uint8(h, w, 10 * round_ + i) for i, (h, w) in enumerate(SIZES)]
         targets = [_target(random_boxes_xyxy(w, h, 4, g), h, w, i) for i, (h, w) in enumerate(SIZES)]
         params = [tr.sample_params((h, w), t) for (h, w), t in zip(SIZES, targets)]
         out, out_targets = augment(images, targets, params)
@@ -230,7 +218,7 @@ class _RawSet(torch.utils.data.Dataset):
             return None                                                # an unreadable image
         h, w = SIZES[i % len(SIZES)]
         g = torch.Generator().manual_seed(i)
-        return _scene(h, w, i), _target(random_boxes_xyxy(w, h, 2, g), h, w, i)
+        return scene_uint8(h, w, i), _target(random_boxes_xyxy(w, h, 2, g), h, w, i)
 
 
 def test_collate_and_device_loader():

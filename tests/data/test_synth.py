@@ -202,6 +202,17 @@ def test_size_parameters_are_honoured(tmp_path):
         generate_synthetic_coco(tmp_path / "bad", num_images=1, size_range=(0.5, 0.2))
 
 
+def test_image_aspect_gives_wide_frames(tmp_path):
+    ann = generate_synthetic_coco(tmp_path, num_images=8, seed=0, min_side=320, max_side=400,
+                                  image_aspect=(1.7, 1.8))
+    data = json.loads(ann.read_text())
+    for image in data["images"]:
+        assert 320 <= image["width"] <= 400
+        assert 1.7 - 0.01 <= image["width"] / image["height"] <= 1.8 + 0.01
+        assert Image.open(ann.parent / "images" / image["file_name"]).size == (image["width"], image["height"])
+    assert json.loads((tmp_path / "synth_manifest.json").read_text())["params"]["image_aspect"] == [1.7, 1.8]
+
+
 def test_the_variety_options_give_other_data(tmp_path):
     """More classes (a shape again in another colour family), crowding, empty images, clutter left unannotated
     and elongated objects, as asked; the demo's defaults leave the demo's files as they were (test above)."""
@@ -230,7 +241,8 @@ def test_the_variety_options_give_other_data(tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(num_classes=25), dict(num_classes=0), dict(min_objects=5, max_objects=2),
-                                     dict(empty_fraction=1.0), dict(clutter=-1), dict(aspect_range=(2.0, 1.0))])
+                                     dict(empty_fraction=1.0), dict(clutter=-1), dict(aspect_range=(2.0, 1.0)),
+                                     dict(image_aspect=(2.0, 1.0))])
 def test_impossible_variety_is_refused(tmp_path, options):
     with pytest.raises(ValueError):
         generate_synthetic_coco(tmp_path / "x", num_images=2, **options)

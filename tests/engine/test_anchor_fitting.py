@@ -103,6 +103,31 @@ def test_fit_modes():
         load_config("tiny", ["anchors.fit=maybe"])
 
 
+def test_fit_boxes_sets_the_boxes_per_location():
+    from multibox.models import build_model
+
+    table = _table(_long_thin(1000))
+    stock = fit_anchors(load_config("tiny", ["anchors.fit=true"]), table)
+    cfg = load_config("tiny", ["anchors.fit_boxes=8"])             # auto, told otherwise: fits 8 per location
+    wide = fit_anchors(cfg, table)
+    assert wide.fitted and "fit_boxes" in wide.reason and [len(level) for level in wide.sizes] == [8] * 6
+    assert wide.after.recall > stock.after.recall                   # more shapes reach more long thin objects
+    coco = fit_anchors(cfg, _table(_coco_like(1000)))                # auto would keep these; fit_boxes fits
+    assert coco.fitted and [len(level) for level in coco.sizes] == [8] * 6
+    cfg.anchors.sizes = wide.sizes
+    model = build_model(cfg).eval()
+    loc, _ = model(torch.zeros(1, 3, 300, 300))
+    assert loc.shape[1] == model.anchors_cxcywh.shape[0] == 8 * (38 * 38 + 19 * 19 + 10 * 10 + 5 * 5 + 3 * 3 + 1)
+    fewer = fit_anchors(load_config("tiny", ["anchors.fit_boxes=2"]), table)
+    assert [len(level) for level in fewer.sizes] == [2] * 6
+    with pytest.raises(ConfigError, match="cannot fine-tune"):
+        fit_anchors(load_config("tiny", ["anchors.fit_boxes=8"]), table, fine_tuning=True)
+    with pytest.raises(ConfigError, match="anchors.fit_boxes"):
+        load_config("tiny", ["anchors.fit=false", "anchors.fit_boxes=8"])
+    with pytest.raises(ConfigError, match="anchors.fit_boxes"):
+        load_config("tiny", ["anchors.fit_boxes=0"])
+
+
 def test_analysis_against_torchvision_box_iou():
     # One object per image, so no object competes for a default box: under the tutorial's rule an object's
     # positives are the boxes with IoU > 0.5, or its one forced best box when there is none.

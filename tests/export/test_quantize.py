@@ -205,7 +205,7 @@ def test_every_preset_quantizes(preset, tmp_path):
     names = ["background"] + [f"c{i}" for i in range(cfg.model.num_classes)]
     float_path = export_onnx(model, cfg, names, tmp_path / "float.onnx", exporter="torchscript")
     detector = OnnxDetector(float_path)
-    image = torch.randint(0, 256, (3, cfg.model.image_size, cfg.model.image_size), dtype=torch.uint8)
+    image = torch.randint(0, 256, (3, *detector.image_hw), dtype=torch.uint8)
     int8_path = q.quantize_onnx(float_path, tmp_path / "int8.onnx", q.calibration_batches([image], detector))
     graph = q.network_graph(onnx.load(str(int8_path)))
     assert len(graph.first) == 1

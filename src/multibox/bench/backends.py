@@ -237,17 +237,18 @@ def _staged_torch(detector) -> Callable[[list[str]], dict[str, float]]:
 
 
 def _staged_onnx(detector) -> Callable[[list[str]], dict[str, float]]:
-    """:func:`_staged` of an OnnxDetector, preprocessed by ``resize_batch`` as its predict is."""
+    """:func:`_staged` of an OnnxDetector, preprocessed by ``resize_batch`` at its (H, W), resize and letterbox
+    fill, and mapped back to the image's pixels, as its predict is."""
     from multibox.inference.onnx import resize_batch, split_fixed_outputs
 
     def postprocess(outputs, sizes):
         if detector.has_postprocess:
-            split_fixed_outputs(*outputs, sizes)
+            split_fixed_outputs(*outputs, sizes, detector.image_hw, detector.resize == "letterbox")
         else:
             detector.postprocess(*(torch.from_numpy(o) for o in outputs), sizes)
 
-    return _staged(lambda images: resize_batch(images, detector.image_size, detector.resize), detector.run,
-                   postprocess)
+    return _staged(lambda images: resize_batch(images, detector.image_hw, detector.resize, detector.letterbox_fill),
+                   detector.run, postprocess)
 
 
 def _torch_candidate(name: str, subject: Subject) -> Candidate:

@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ from multibox.bench import BACKENDS, LINES
 from multibox.config import Config, load_config, preset_names
 from multibox.runtime import PRECISIONS, autocast
 from multibox.core.matching import pad_targets
+from multibox.core.resize import as_hw
 from multibox.errors import InputError
 from multibox.models import build_model
 
@@ -101,10 +102,12 @@ def paper_config(preset: str, arch: str = "ssd300_vgg16", overrides: list[str] =
     return load_config(preset, [f"model.num_classes={NUM_CLASSES}", *(TINY if arch == "tiny" else []), *overrides])
 
 
-def random_batch(batch: int, size: int, max_boxes: int, seed: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Images in [0, 1] and 1..max_boxes random boxes per image (normalised xyxy) with labels in 1..90."""
+def random_batch(batch: int, size: int | Sequence[int], max_boxes: int,
+                 seed: int) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(N, 3, H, W) images in [0, 1] (``size``: S or (H, W), :func:`multibox.core.resize.as_hw`) and
+    1..max_boxes random boxes per image (normalised xyxy) with labels in 1..90."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, 3, size, size, generator=g)
+    images = torch.rand(batch, 3, *as_hw(size), generator=g)
     boxes, labels = [], []
     for _ in range(batch):
         n = int(torch.randint(1, max_boxes + 1, (1,), generator=g))
@@ -222,15 +225,16 @@ class _TheirTrainer:
 def bench_train_step(preset: str, device: torch.device, batch: int, amp: torch.dtype | None, iters: int,
                      arch: str = "ssd300_vgg16", compile_: bool = False, warmup: int = 2) -> dict:
     cfg = paper_config(preset, arch)
-    size = cfg.model.image_size
-    images, boxes, labels = random_batch(batch, size, 8, seed=0)
+    height, width = as_hw(cfg.model.image_size)
+    images, boxes, labels = random_batch(batch, (height, width), 8, seed=0)
     mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     normalised = ((images * 255 - mean) / std).to(device)
     ours = _OurTrainer(cfg, device, amp, compile_)
     theirs = _TheirTrainer(device, amp, arch)
     their_images = list(images.to(device))
-    their_targets = [{"boxes": b * size, "labels": lab} for b, lab in zip(boxes, labels)]
+    pixels = torch.tensor([width, height, width, height], dtype=torch.float32)   # normalised xyxy -> pixels
+    their_targets = [{"boxes": b * pixels, "labels": lab} for b, lab in zip(boxes, labels)]
     seconds = paired({"ours": lambda: ours.step(normalised, boxes, labels),
                       "theirs": lambda: theirs.step(their_images, their_targets)}, device, warmup, iters)
     return row("train_step" + (" +compile" if compile_ else ""), batch / seconds["ours"], batch / seconds["theirs"],
@@ -497,7 +501,7 @@ def bench_augment(preset: str, num_images: int, device: torch.device, iters: int
                 ours(img, target)
 
         reference = v2.Compose([
-            *_reference_augmentation(arch), v2.Resize([cfg.model.image_size] * 2), v2.SanitizeBoundingBoxes(),
+            *_reference_augmentation(arch), v2.Resize(list(as_hw(cfg.model.image_size))), v2.SanitizeBoundingBoxes(),
             v2.ToDtype(torch.float, scale=True)])
         their_samples = [(tv_tensors.Image(img), {"boxes": tv_tensors.BoundingBoxes(t["boxes"], format="XYXY",
                                                                                     canvas_size=(375, 500)),

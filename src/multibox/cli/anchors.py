@@ -65,7 +65,7 @@ def _report_lines(report: dict, fitted: dict | None, listed: int) -> list[str]:
     from multibox.evaluation.anchors import summary_line
 
     s = report["summary"]
-    lines = [f"{s['objects']} objects in {s['images']} images at {s['image_size']}x{s['image_size']}, "
+    lines = [f"{s['objects']} objects in {s['images']} images at {s['image_hw'][0]}x{s['image_hw'][1]}, "
              f"{s['default_boxes']} default boxes, matching {s['matching']['rule']} at IoU "
              f"{s['matching']['iou_threshold']:g}",
              "default boxes: " + summary_line(report)]
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from multibox.core.anchor_fit import sample_rows
     from multibox.data.anchor_fitting import describe_fit, fit_anchors
     from multibox.data.build import open_dataset
-    from multibox.data.objects import object_table
+    from multibox.data.objects import letterbox_input, object_table
     from multibox.evaluation.anchors import AnchorReport, html_page
     from multibox.io import atomic_write_text
 
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = open_dataset(args.data, cfg)
     limit = args.max_images if args.max_images > 0 else len(dataset)
     indices = sample_rows(len(dataset), limit, cfg.train.seed).tolist()
-    table = object_table(dataset, indices)
+    table = object_table(dataset, indices, letterbox_input(cfg))
     decision = fit_anchors(cfg, table, True if args.fit else None)
     report = AnchorReport.of(cfg, table, decision)
     before, after = report.before, report.after

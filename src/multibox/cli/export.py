@@ -12,7 +12,8 @@ from multibox.export import (DEFAULT_CALIB_IMAGES, DEFAULT_MAX_DETECTIONS, DYNAM
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help=command_help("export"),
-        description="Export a checkpoint to ONNX. Input: (N, 3, S, S) RGB images already resized to S x S, "
+        description="Export a checkpoint to ONNX. Input: (N, 3, H, W) RGB images already resized to the "
+                    "model's H x W (model.image_size, with data.resize: stretched or letterboxed), "
                     "uint8 or float32 in 0..255; outputs: boxes (N, K, 4) xyxy in [0, 1], scores (N, K), "
                     "labels (N, K), num_detections (N,).")
     p.add_argument("--checkpoint", required=True, help="the multibox checkpoint (.pt) to export")
@@ -94,10 +95,10 @@ def run(args: argparse.Namespace) -> int:
     kind = "raw outputs (loc, cls_logits, anchors_cxcywh)" if args.no_postprocess else \
         "boxes, scores, labels, num_detections"
     detector = OnnxDetector(path, runtime="onnxruntime")   # read back: the input the graph really has
-    size = detector.image_size
+    height, width = detector.image_hw
     opset = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
                  if o.domain in ("", "ai.onnx"))
-    print(f"wrote {path} ({size_mb:.1f} MiB, opset {opset}); input: images (N, 3, {size}, {size}) "
-          f"{np.dtype(detector.input_dtype).name}, 0..255, resized to {size}x{size} ({detector.resize}); "
+    print(f"wrote {path} ({size_mb:.1f} MiB, opset {opset}); input: images (N, 3, {height}, {width}) "
+          f"{np.dtype(detector.input_dtype).name}, 0..255, resized to {height}x{width} ({detector.resize}); "
           f"outputs: {kind}")
     return 0

@@ -43,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="draw the aspect ratio log-uniformly in LO-HI: as many tall shapes as wide ones")
     p.add_argument("--side", type=_span(int), default=(256, 416), metavar="MIN-MAX",
                    help="image width and height in pixels, each drawn in MIN-MAX (default: 256-416)")
+    p.add_argument("--image-aspect", type=_span(float), default=None, metavar="LO-HI",
+                   help="image width/height drawn in LO-HI (e.g. 1.7-1.8 for 16:9 frames): the width in --side, "
+                        "the height from it (default: both sides in --side)")
     p.add_argument("--clutter", type=float, default=0.0,
                    help="mean number of unannotated distractor shapes per image (default: 0)")
     p.add_argument("--empty", type=float, default=0.0,
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             small_fraction=args.small_fraction, aspect_range=args.aspect, log_aspect=args.log_aspect,
             min_side=args.side[0],
             max_side=args.side[1], clutter=args.clutter, empty_fraction=args.empty,
-            grain=args.noise)
+            grain=args.noise, image_aspect=args.image_aspect)
     except ValueError as err:   # an impossible combination of options: one line, as for any bad input
         raise InputError(f"synth: {err}") from None
     print(f"wrote {path}")

@@ -26,7 +26,8 @@ class ShapeGrid:
     """The S distinct default-box shapes of an :class:`AnchorSpec` and the grid each is laid on.
 
     ``wh``: (S, 2) width and height in image units (clipped as the spec clips); ``level``: (S,) feature level;
-    ``cells``: (S,) feature size f of that level; ``density``: (S,) f_k (centres at (j + 0.5) / f_k).
+    ``cells``: (S, 2) columns and rows of that level's map; ``density``: (S, 2) f_k on x and on y (centres at
+    (j + 0.5) / f_k).
     """
 
     wh: Tensor
@@ -38,13 +39,13 @@ class ShapeGrid:
     def of(spec: AnchorSpec) -> "ShapeGrid":
         """The shapes of ``spec`` on its grid."""
         wh, level, cells, density = [], [], [], []
-        for k, fsize in enumerate(spec.feature_sizes):
+        for k in range(len(spec.feature_sizes)):
             shapes = spec.location_sizes(k)
-            f_k = fsize if spec.steps is None else spec.image_size / spec.steps[k]
+            (rows, cols), (f_y, f_x) = spec.grid_hw(k), spec.density_hw(k)
             wh += [list(s) for s in shapes]
             level += [k] * len(shapes)
-            cells += [fsize] * len(shapes)
-            density += [f_k] * len(shapes)
+            cells += [[cols, rows]] * len(shapes)
+            density += [[f_x, f_y]] * len(shapes)
         wh = torch.tensor(wh, dtype=torch.float64)
         if spec.clip:
             wh = wh.clamp(0.0, 1.0)
@@ -77,7 +78,8 @@ def _paired_iou_cxcywh(cx: Tensor, cy: Tensor, w: Tensor, h: Tensor, gt_cxcywh: 
 
 def _nearest_centres(gt: Tensor, grid: ShapeGrid) -> tuple[Tensor, Tensor]:
     """(N, 4) objects -> (N, S) x and (N, S) y of the grid centre of each shape nearest to each object."""
-    return _nearest_centre(gt[:, 0], grid.cells, grid.density), _nearest_centre(gt[:, 1], grid.cells, grid.density)
+    return (_nearest_centre(gt[:, 0], grid.cells[:, 0], grid.density[:, 0]),
+            _nearest_centre(gt[:, 1], grid.cells[:, 1], grid.density[:, 1]))
 
 
 def best_iou_per_shape(gt_cxcywh: Tensor, grid: ShapeGrid) -> Tensor:
@@ -190,9 +192,9 @@ def _shape_column(gt: Tensor, grid: ShapeGrid, s: int, wh: Tensor, threshold: fl
     offsets = torch.arange(-_REACH, _REACH + 1, dtype=gt.dtype)
     overlaps, valid = [], []
     for axis, size in ((0, wh[0]), (1, wh[1])):
-        index = torch.floor(gt[:, axis:axis + 1] * grid.density[s]) + offsets            # (N, 2R + 1)
-        valid.append((index >= 0) & (index < grid.cells[s]))
-        centre = (index + 0.5) / grid.density[s]
+        index = torch.floor(gt[:, axis:axis + 1] * grid.density[s, axis]) + offsets      # (N, 2R + 1)
+        valid.append((index >= 0) & (index < grid.cells[s, axis]))
+        centre = (index + 0.5) / grid.density[s, axis]
         lo, hi = gt[:, axis:axis + 1] - gt[:, axis + 2:axis + 3] / 2, gt[:, axis:axis + 1] + gt[:, axis + 2:axis + 3] / 2
         overlaps.append((torch.minimum(centre + size / 2, hi) - torch.maximum(centre - size / 2, lo)).clamp(min=0))
     inter = overlaps[0][:, :, None] * overlaps[1][:, None, :]                              # (N, 2R + 1, 2R + 1)

@@ -9,6 +9,7 @@ from torch import Tensor
 from torchvision.ops import nms
 
 from multibox.core.boxes import cxcywh_to_xyxy, decode_cxcywh
+from multibox.core.resize import as_hw, detections_to_pixels
 
 if TYPE_CHECKING:
     from multibox.config import Config
@@ -85,6 +86,8 @@ class PostProcessor:
         max_per_image: at most this many boxes per image (highest scores), None = no cap.
         pre_nms_top_k: at most this many candidates per class and image enter NMS (torchvision: 400).
         center_variance, size_variance: the box encoding's scales.
+        input_hw, letterbox: the network's (H, W) input and whether images were letterboxed into it
+            (:mod:`multibox.core.resize`), which decide how boxes map back to each image's pixels.
     """
 
     score_activation: str = "sigmoid"
@@ -95,6 +98,8 @@ class PostProcessor:
     pre_nms_top_k: int | None = None
     center_variance: float = 0.1
     size_variance: float = 0.2
+    input_hw: tuple[int, int] = (300, 300)
+    letterbox: bool = False
 
     def scores(self, cls_logits: Tensor) -> Tensor:
         """(N, A, 1 + C) logits -> (N, A, C) object-class scores (background dropped)."""
@@ -113,7 +118,8 @@ class PostProcessor:
                  output_device: torch.device | str | None = None) -> list[dict[str, Tensor]]:
         """Args:
             loc: (N, A, 4); cls_logits: (N, A, 1 + C); anchors_cxcywh: (A, 4).
-            image_sizes: N (height, width) pairs: boxes are scaled to those pixel sizes; None keeps [0, 1] units.
+            image_sizes: N (height, width) pairs: boxes are mapped to those images' pixels (stretched or
+                letterboxed, ``input_hw`` and ``letterbox``); None keeps the input's [0, 1] units.
             output_device: where the detections go (e.g. "cpu"): the batch's detections are copied in three
                 transfers before being split per image, instead of three per image.
         Returns:
@@ -148,13 +154,13 @@ class PostProcessor:
         image_idx, class_idx, slot = torch.nonzero(top_scores > self.score_threshold, as_tuple=True)
         return image_idx, top_anchor[image_idx, class_idx, slot], class_idx, top_scores[image_idx, class_idx, slot]
 
-    @staticmethod
-    def _split(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, n: int,
+    def _split(self, boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, n: int,
                image_sizes: list[tuple[int, int]] | Tensor | None,
                output_device: torch.device | str | None = None) -> list[dict[str, Tensor]]:
         if image_sizes is not None:
-            sizes = torch.as_tensor(image_sizes, dtype=boxes.dtype, device=boxes.device).reshape(n, 2)
-            boxes = boxes * sizes[image_idx][:, [1, 0, 1, 0]]
+            boxes, keep = detections_to_pixels(boxes, image_idx, image_sizes, self.input_hw, self.letterbox)
+            if not bool(keep.all()):
+                boxes, scores, labels, image_idx = boxes[keep], scores[keep], labels[keep], image_idx[keep]
         # One sort by image keeps each image's detections in descending score order.
         order = torch.argsort(image_idx, stable=True)
         counts = torch.bincount(image_idx, minlength=n).tolist()
@@ -172,7 +178,8 @@ def build_postprocessor(cfg: Config) -> PostProcessor:
         score_threshold=cfg.eval.score_threshold, nms_threshold=cfg.eval.nms_threshold,
         max_per_class=cfg.eval.max_per_class, max_per_image=cfg.eval.max_per_image,
         pre_nms_top_k=cfg.eval.pre_nms_top_k, center_variance=cfg.loss.center_variance,
-        size_variance=cfg.loss.size_variance)
+        size_variance=cfg.loss.size_variance, input_hw=as_hw(cfg.model.image_size),
+        letterbox=cfg.data.resize == "letterbox")
 
 
 def detections_to_cpu(detections: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from multibox.config import Config
+from multibox.config import Config, ConfigError
 from multibox.core.anchor_fit import (FitScore, ShapeGrid, best_iou_per_shape, fit_shapes, own_shape_iou, reaches,
                                       sample_rows, score_shapes)
-from multibox.core.anchors import AnchorSpec, anchor_spec
+from multibox.core.anchors import AnchorSpec
 from multibox.data.objects import ObjectTable
+from multibox.models import model_anchor_spec
 
 # auto fits when fewer of the objects the grid can match reach the matching threshold with a default box.
 AUTO_FIT_MIN_RECALL = 0.8
@@ -71,7 +72,7 @@ def _kept(mode: bool | str, cfg: Config, matchable: float, fine_tuning: bool, em
     """Why the boxes stay as they are, or None to fit."""
     if empty:
         return "no objects"
-    if mode is True:
+    if mode is True or mode == "auto" and cfg.anchors.fit_boxes is not None:
         return None
     if mode is False:
         return "anchors.fit is false"
@@ -91,7 +92,7 @@ def fit_anchors(cfg: Config, table: ObjectTable, mode: bool | str | None = None,
     (at most :data:`MAX_FIT_OBJECTS` of them, drawn with ``train.seed``). ``fine_tuning``: the run starts from a
     detector's weights (``auto`` keeps its boxes). ``cfg`` is not changed."""
     mode = cfg.anchors.fit if mode is None else mode
-    spec = anchor_spec(cfg.anchors, cfg.model.image_size)
+    spec = model_anchor_spec(cfg)
     grid = ShapeGrid.of(spec)
     boxes = table.boxes_cxcywh[sample_rows(len(table), MAX_FIT_OBJECTS, cfg.train.seed)]
     threshold, strict = cfg.loss.iou_threshold, strict_matching(cfg)
@@ -102,11 +103,34 @@ def fit_anchors(cfg: Config, table: ObjectTable, mode: bool | str | None = None,
     if kept is not None:
         sizes = [[list(wh) for wh in spec.location_sizes(k)] for k in range(len(spec.feature_sizes))]
         return AnchorFit(False, kept, before, before, matchable, sizes)
+    if cfg.anchors.fit_boxes is not None:
+        if fine_tuning:
+            raise ConfigError("anchors.fit_boxes changes the box head, so it cannot fine-tune a detector's "
+                              "(--weights): leave it unset")
+        grid = ShapeGrid.of(dataclasses.replace(spec, sizes=_layout(spec, cfg.anchors.fit_boxes)))
     fitted = fit_shapes(boxes, grid, threshold, strict, seed=cfg.train.seed)
     after = score_shapes(boxes, fitted, threshold, strict)
     reason = "anchors.fit is true" if mode is True else (
+        f"anchors.fit_boxes is {cfg.anchors.fit_boxes}" if cfg.anchors.fit_boxes is not None else
         f"only {matchable:.1%} of the objects the grid can match reach IoU {threshold:g}")
     return AnchorFit(True, reason, before, after, matchable, fitted.level_sizes(len(spec.feature_sizes)))
+
+
+def _layout(spec: AnchorSpec, per_location: int) -> list[list[list[float]]]:
+    """Starting shapes for ``per_location`` boxes on every level (the k-means replaces them where the level has
+    enough objects): the level's shapes by area, every other one dropped evenly when fewer, or repeated 1.5x
+    larger each round when more."""
+    layout = []
+    for k in range(len(spec.feature_sizes)):
+        shapes = sorted(spec.location_sizes(k), key=lambda wh: wh[0] * wh[1])
+        m = len(shapes)
+        if per_location <= m:
+            picked = [shapes[round(i * (m - 1) / max(per_location - 1, 1))] for i in range(per_location)]
+        else:
+            picked = [(w * 1.5 ** (i // m), h * 1.5 ** (i // m)) for i, (w, h) in
+                      ((i, shapes[i % m]) for i in range(per_location))]
+        layout.append([[float(w), float(h)] for w, h in picked])
+    return layout
 
 
 def describe_fit(result: AnchorFit) -> str:

@@ -32,10 +32,13 @@ Resize modes. ``resize: torchvision`` (the paper preset) is bilinear without ant
 ``grid_sample`` does. ``resize: antialias`` pre-filters every image by an integer box filter of
 ``floor(source px per output px)`` per axis (at most ``max_prefilter``) before the bilinear warp: an approximation
 of the antialiased resize (close on natural images, see ``tests/data/test_gpu_transforms.py``), grouped by factor so the
-batch needs one ``grid_sample`` per distinct factor pair.
+batch needs one ``grid_sample`` per distinct factor pair. ``resize: letterbox`` resizes as ``antialias``, but the
+crop window maps to its :func:`~multibox.core.resize.placement` in the output (one scale for both axes, centred),
+not to the whole output; output pixels outside the placement (or outside the source) get the fill colour, as on
+the CPU path.
 
-Output: float32 (B, 3, S, S) normalised, and targets with boxes xyxy normalised to [0, 1] (bit-identical to the CPU
-transform's boxes for the same parameters).
+Output: float32 (B, 3, H, W) normalised (``size``: S or (H, W)), and targets with boxes xyxy normalised per axis to
+[0, 1] (bit-identical to the CPU transform's boxes for the same parameters).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from multibox.core.resize import placement
 from multibox.data.coco import Batch
 from multibox.data.transforms import TrainTransform, build_train_transform, grey_level, keyed_generator, window_target
 
@@ -109,10 +113,12 @@ def pad_replicate(images: Sequence[Tensor], multiple: int = 1) -> tuple[Tensor, 
 class AugmentBatch:
     """A prepared batch (what the workers send): pad the images once, everything else is small per-image numbers.
 
-    images: uint8 (B, 3, Hp, Wp), replicate-padded (:func:`pad_replicate`); sizes: int64 (B, 2) (H, W).
+    images: uint8 (B, 3, Hp, Wp), replicate-padded (:func:`pad_replicate`); sizes: int64 (B, 2) (h, w).
     affine: float64 (B, 4) ``(ax, bx, ay, by)``: an output pixel at normalised position (ox, oy) in [-1, 1]
         (``align_corners=False`` convention) samples source pixel coordinates ``(ax·ox + bx, ay·oy + by)``
         (continuous: pixel i spans [i, i + 1)); a flip is a negative ``ax``.
+    bounds: float64 (B, 4) ``(x1, y1, x2, y2)`` source pixel rectangle whose samples are kept, the rest gets the
+        fill: the whole image (stretch), the crop window within it (letterbox). None: ``(0, 0, w, h)``.
     prefilter: int64 (B, 2) box pre-filter (fy, fx), 1 = none.
     colour: float32 (B, 8): photometric brightness factor, contrast factor applied first, contrast applied last,
         saturation factor, hue shift (turns), jitter brightness, jitter contrast, jitter saturation (neutral values
@@ -130,6 +136,7 @@ class AugmentBatch:
     colour: Tensor
     targets: list[dict]
     permutation: Tensor | None = None
+    bounds: Tensor | None = None
     use_photometric: bool = False
     use_saturation: bool = False
     use_hue: bool = False
@@ -140,7 +147,8 @@ class AugmentBatch:
     def pin_memory(self) -> "AugmentBatch":
         return replace(self, images=self.images.pin_memory(), sizes=self.sizes.pin_memory(),
                        affine=self.affine.pin_memory(), colour=self.colour.pin_memory(),
-                       permutation=None if self.permutation is None else self.permutation.pin_memory())
+                       permutation=None if self.permutation is None else self.permutation.pin_memory(),
+                       bounds=None if self.bounds is None else self.bounds.pin_memory())
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -233,23 +241,38 @@ class BatchAugment:
     def __init__(self, transform: TrainTransform, max_prefilter: int = 4, pad_multiple: int = 8):
         self.transform = transform
         self.size = transform.size
+        self.input_hw = transform.input_hw
         self.max_prefilter = int(max_prefilter)
         self.pad_multiple = int(pad_multiple)
         self._device_constants: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------- CPU half
-    def _geometry(self, params: dict, height: int, width: int) -> tuple[list[float], list[int]]:
-        """(ax, bx, ay, by) and the pre-filter (fy, fx) of one image (see :class:`AugmentBatch`)."""
+    def _geometry(self, params: dict, height: int, width: int) -> tuple[list[float], list[int], list[float]]:
+        """(ax, bx, ay, by), the pre-filter (fy, fx) and the kept source bounds (x1, y1, x2, y2) of one (height,
+        width) image (see :class:`AugmentBatch`)."""
         canvas_w, canvas_h, left, top = params.get("expand") or (width, height, 0, 0)
         x1, y1, x2, y2 = params["window"] or (0, 0, canvas_w, canvas_h)
-        ax, ay = (x2 - x1) / 2.0, (y2 - y1) / 2.0
-        affine = [-ax if params["flip"] else ax, (x1 + x2) / 2.0 - left, ay, (y1 + y2) / 2.0 - top]
-        if self.transform.resize == "antialias":
-            pre = [min(self.max_prefilter, max(1, int((y2 - y1) / self.size))),
-                   min(self.max_prefilter, max(1, int((x2 - x1) / self.size)))]
+        out_h, out_w = self.input_hw
+        if self.transform.letterbox:
+            # The window maps onto its placement [p.left, p.left + p.width) of the output, not the whole of it:
+            # output x in normalised units o in [2·p.left / W - 1, 2·(p.left + p.width) / W - 1] -> [x1, x2].
+            p = placement((y2 - y1, x2 - x1), self.input_hw, letterbox=True)
+            ax, ay = (x2 - x1) * out_w / (2.0 * p.width), (y2 - y1) * out_h / (2.0 * p.height)
+            bx = x1 - left - ax * (2.0 * p.left / out_w - 1.0)
+            by = y1 - top - ay * (2.0 * p.top / out_h - 1.0)
+            affine = [-ax if params["flip"] else ax, bx, ay, by]
+            bounds = [max(x1 - left, 0), max(y1 - top, 0), min(x2 - left, width), min(y2 - top, height)]
+            out_h, out_w = p.height, p.width
+        else:
+            ax, ay = (x2 - x1) / 2.0, (y2 - y1) / 2.0
+            affine = [-ax if params["flip"] else ax, (x1 + x2) / 2.0 - left, ay, (y1 + y2) / 2.0 - top]
+            bounds = [0, 0, width, height]
+        if self.transform.resize != "torchvision":   # antialias, letterbox: box pre-filter
+            pre = [min(self.max_prefilter, max(1, int((y2 - y1) / out_h))),
+                   min(self.max_prefilter, max(1, int((x2 - x1) / out_w)))]
         else:
             pre = [1, 1]
-        return affine, pre
+        return affine, pre, [float(b) for b in bounds]
 
     @staticmethod
     def _colour(params: dict) -> list[float]:
@@ -265,12 +288,12 @@ class BatchAugment:
         p = params.get("photometric")
         return list(_IDENTITY if p is None or p["permutation"] is None else p["permutation"])
 
-    @staticmethod
-    def transform_boxes(target: dict, params: dict, height: int, width: int) -> dict:
-        """The target of an (H, W) image after ``params``: :meth:`TrainTransform.apply`'s box arithmetic, the same
+    def transform_boxes(self, target: dict, params: dict, height: int, width: int) -> dict:
+        """The target of an (h, w) image after ``params``: :meth:`TrainTransform.apply`'s box arithmetic, the same
         float operations in the same order (so the boxes are bit-identical)."""
         canvas_w, canvas_h, _, _ = params.get("expand") or (width, height, 0, 0)
-        return window_target(target, params, params["window"] or (0, 0, canvas_w, canvas_h))
+        return window_target(target, params, params["window"] or (0, 0, canvas_w, canvas_h),
+                             self.input_hw if self.transform.letterbox else None)
 
     def prepare(self, images: Sequence[Tensor], targets: Sequence[dict],
                 params: Sequence[dict] | None = None, skipped: int = 0) -> AugmentBatch:
@@ -281,11 +304,12 @@ class BatchAugment:
             params = [t[PARAMS_KEY] if PARAMS_KEY in t else self.transform.sample_params(hw, t)
                       for hw, t in zip(sizes, targets)]
         targets = [{k: v for k, v in t.items() if k != PARAMS_KEY} for t in targets]
-        affine, prefilter, colour, new_targets = [], [], [], []
+        affine, prefilter, bounds, colour, new_targets = [], [], [], [], []
         for (h, w), target, p in zip(sizes, targets, params):
-            a, pre = self._geometry(p, h, w)
+            a, pre, kept = self._geometry(p, h, w)
             affine.append(a)
             prefilter.append(pre)
+            bounds.append(kept)
             colour.append(self._colour(p))
             new_targets.append(self.transform_boxes(target, p, h, w))
         padded, size_t = pad_replicate(images, self.pad_multiple)
@@ -294,6 +318,7 @@ class BatchAugment:
         return AugmentBatch(
             images=padded, sizes=size_t, affine=torch.tensor(affine, dtype=torch.float64).reshape(-1, 4),
             prefilter=torch.tensor(prefilter, dtype=torch.int64).reshape(-1, 2), colour=colour_t,
+            bounds=torch.tensor(bounds, dtype=torch.float64).reshape(-1, 4),
             targets=new_targets, use_photometric=any(p is not None for p in photometric),
             use_saturation=any(p is not None and p["saturation"] != 1.0 for p in photometric),
             use_hue=any(p is not None and p["hue"] != 0.0 for p in photometric),
@@ -317,8 +342,8 @@ class BatchAugment:
         return self._device_constants[device]
 
     def _sample(self, x: Tensor, batch: AugmentBatch, affine: Tensor) -> Tensor:
-        """Bilinear warp of the (float) padded batch to (B, 3, S, S), one ``grid_sample`` per pre-filter group."""
-        s = self.size
+        """Bilinear warp of the (float) padded batch to (B, 3, H, W), one ``grid_sample`` per pre-filter group."""
+        big_h, big_w = self.input_hw
         groups = torch.unique(batch.prefilter, dim=0).tolist()
         out = None
         for fy, fx in groups:
@@ -337,36 +362,42 @@ class BatchAugment:
             theta[:, 0, 2] = aff[:, 1] * (2.0 / (fx * wp)) - 1.0
             theta[:, 1, 1] = aff[:, 2] * (2.0 / (fy * hp))
             theta[:, 1, 2] = aff[:, 3] * (2.0 / (fy * hp)) - 1.0
-            grid = nnf.affine_grid(theta, [aff.shape[0], 3, s, s], align_corners=False)
+            grid = nnf.affine_grid(theta, [aff.shape[0], 3, big_h, big_w], align_corners=False)
             warped = nnf.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
             if index is None:
                 return warped
             if out is None:
-                out = torch.empty(x.shape[0], 3, s, s, dtype=warped.dtype, device=x.device)
+                out = torch.empty(x.shape[0], 3, big_h, big_w, dtype=warped.dtype, device=x.device)
             out.index_copy_(0, index_dev, warped)
         return out
 
-    def _inside(self, affine: Tensor, sizes_hw: Tensor) -> Tensor:
-        """(B, S, S) bool: the output pixel's centre samples the source image (not the zoom-out fill)."""
-        s = self.size
-        o = (torch.arange(s, device=affine.device, dtype=affine.dtype) * 2.0 + 1.0) / s - 1.0
-        xs = affine[:, 0:1] * o + affine[:, 1:2]                               # (B, S) source x per column
-        ys = affine[:, 2:3] * o + affine[:, 3:4]                               # (B, S) source y per row
-        in_x = (xs >= 0) & (xs <= sizes_hw[:, 1:2])
-        in_y = (ys >= 0) & (ys <= sizes_hw[:, 0:1])
+    def _inside(self, affine: Tensor, bounds: Tensor) -> Tensor:
+        """(B, H, W) bool: the output pixel's centre samples the kept source rectangle ``bounds`` (B, 4) xyxy (the
+        image, or the letterboxed window), not the zoom-out / letterbox fill."""
+        big_h, big_w = self.input_hw
+        ox = (torch.arange(big_w, device=affine.device, dtype=affine.dtype) * 2.0 + 1.0) / big_w - 1.0
+        oy = (torch.arange(big_h, device=affine.device, dtype=affine.dtype) * 2.0 + 1.0) / big_h - 1.0
+        xs = affine[:, 0:1] * ox + affine[:, 1:2]                              # (B, W) source x per column
+        ys = affine[:, 2:3] * oy + affine[:, 3:4]                              # (B, H) source y per row
+        in_x = (xs >= bounds[:, 0:1]) & (xs <= bounds[:, 2:3])
+        in_y = (ys >= bounds[:, 1:2]) & (ys <= bounds[:, 3:4])
         return in_y[:, :, None] & in_x[:, None, :]
 
     def warp(self, batch: AugmentBatch, device: torch.device | str | None = None,
              non_blocking: bool = True) -> tuple[Tensor, list[dict]]:
-        """The device half: (B, 3, S, S) float32 normalised images on ``device`` and the (CPU) targets."""
+        """The device half: (B, 3, H, W) float32 normalised images on ``device`` and the (CPU) targets."""
         device = torch.device(device) if device is not None else batch.images.device
         mean, std, fill = self._constants(device)
         x = batch.images.to(device, non_blocking=non_blocking).float()
         affine = batch.affine.to(device, non_blocking=non_blocking).float()
         colour = batch.colour.to(device, non_blocking=non_blocking)
-        sizes_hw = batch.sizes.to(device, non_blocking=non_blocking).float()
+        if batch.bounds is not None:
+            bounds = batch.bounds.to(device, non_blocking=non_blocking).float()
+        else:   # the whole image: (0, 0, w, h)
+            sizes_hw = batch.sizes.to(device, non_blocking=non_blocking).float()
+            bounds = torch.cat([torch.zeros_like(sizes_hw), sizes_hw.flip(1)], dim=1)
         x = self._sample(x, batch, affine)
-        inside = self._inside(affine, sizes_hw)
+        inside = self._inside(affine, bounds)
         if batch.use_photometric:
             permutation = None
             if batch.use_permutation and batch.permutation is not None:

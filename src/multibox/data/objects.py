@@ -2,8 +2,8 @@
 
 Default-box analysis and fitting (:mod:`multibox.core.anchor_fit`) need every trained box in network units:
 the boxes training keeps (:func:`~multibox.data.coco.trained_rows`: crowd left out, degenerate boxes dropped,
-the rest clipped), divided by the image size, since every resize of ``data.resize`` stretches the image onto
-the model's square input. Images whose annotation gives no size (MindRecord files without their instances JSON)
+the rest clipped), mapped onto the model's input as ``data.resize`` maps the image: divided by the image size
+when it is stretched, by the :func:`~multibox.core.resize.placement` when it is letterboxed. Images whose annotation gives no size (MindRecord files without their instances JSON)
 are left out: reading each one's header would make one pass over the data per image on sources that only read
 in order.
 """
@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from multibox.config import Config
 from multibox.core.boxes import xyxy_to_cxcywh, xyxy_to_ltwh
+from multibox.core.resize import as_hw, pixels_to_input
 from multibox.data.coco import DetectionDataset, trained_rows
 
 log = logging.getLogger("multibox.data")
@@ -52,8 +54,15 @@ class ObjectTable:
                            self.labels[keep], self.area_px[keep], {i: f for i, f in self.files.items() if i in images})
 
 
-def object_table(dataset: DetectionDataset, indices: list[int] | None = None) -> ObjectTable:
-    """The trained objects of ``dataset`` (of its ``indices``, default all), in network units."""
+def letterbox_input(cfg: Config) -> tuple[int, int] | None:
+    """The (H, W) input that ``cfg`` letterboxes images into; None when it stretches them."""
+    return as_hw(cfg.model.image_size) if cfg.data.resize == "letterbox" else None
+
+
+def object_table(dataset: DetectionDataset, indices: list[int] | None = None,
+                 letterbox_hw: tuple[int, int] | None = None) -> ObjectTable:
+    """The trained objects of ``dataset`` (of its ``indices``, default all), in network units: stretched onto
+    the input, or letterboxed into the ``letterbox_hw`` input (:func:`letterbox_input`)."""
     rows: list[tuple[np.ndarray, ...]] = []
     files: dict[int, str] = {}
     unsized = 0
@@ -68,9 +77,9 @@ def object_table(dataset: DetectionDataset, indices: list[int] | None = None) ->
                                           dataset.keep_crowd)
         if not len(xyxy):
             continue
-        scale = np.array([record.width, record.height] * 2, np.float64)
+        scale, offset = pixels_to_input((record.height, record.width), letterbox_hw or (1, 1), letterbox_hw is not None)
         areas = np.where(record.areas[keep] > 0, record.areas[keep], np.prod(record.bbox_ltwh[keep, 2:], axis=1))
-        rows.append((xyxy_to_cxcywh(xyxy / scale), xyxy_to_ltwh(xyxy), np.full(len(xyxy), index),
+        rows.append((xyxy_to_cxcywh(xyxy * scale.numpy() + offset.numpy()), xyxy_to_ltwh(xyxy), np.full(len(xyxy), index),
                      record.ann_ids[keep], labels, areas))
         files[index] = dataset.describe(index)
     if unsized:

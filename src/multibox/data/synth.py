@@ -331,6 +331,7 @@ class Variety(NamedTuple):
     clutter: float = 0.0
     empty_fraction: float = 0.0
     grain: tuple[float, float] = (2.0, 8.0)
+    image_aspect: tuple[float, float] | None = None   # image width / height; None: both sides drawn on their own
 
 
 def _try_shape(rng: np.random.Generator, canvas: _Canvas, variety: Variety) -> bool:
@@ -375,7 +376,10 @@ def _make_image(rng: np.random.Generator, min_side: int, max_side: int, variety:
                 ) -> tuple[Image.Image, list[dict]]:
     """One image and its objects: dicts with ``category_id``, ``box_xyxy`` (floats) and ``area``."""
     width = int(rng.integers(min_side, max_side + 1))
-    height = int(rng.integers(min_side, max_side + 1))
+    if variety.image_aspect is None:
+        height = int(rng.integers(min_side, max_side + 1))
+    else:
+        height = max(16, round(width / rng.uniform(*variety.image_aspect)))
     canvas = _Canvas(Image.fromarray(_background(rng, width, height, variety.grain)))
     # The demo's defaults draw no clutter and no empty images: its random stream (and files) stay as they were.
     if variety.clutter > 0:
@@ -410,6 +414,8 @@ def _params(num_images: int, seed: int, min_side: int, max_side: int, variety: V
     for key in ("min_objects", "log_aspect", "clutter", "empty_fraction"):
         if getattr(variety, key) != getattr(demo, key):
             params[key] = getattr(variety, key)
+    if variety.image_aspect is not None:
+        params["image_aspect"] = [float(v) for v in variety.image_aspect]
     for key in ("aspect_range", "grain"):
         if getattr(variety, key) != getattr(demo, key):
             params[key] = [float(v) for v in getattr(variety, key)]
@@ -447,6 +453,8 @@ def _check_params(num_images: int, min_side: int, max_side: int, variety: Variet
         raise ValueError(f"small_fraction must be in [0, 1], got {variety.small_fraction}")
     if not (0.0 < variety.aspect_range[0] <= variety.aspect_range[1]):
         raise ValueError(f"need 0 < aspect_range[0] <= aspect_range[1], got {variety.aspect_range}")
+    if variety.image_aspect is not None and not 0.0 < variety.image_aspect[0] <= variety.image_aspect[1]:
+        raise ValueError(f"need 0 < image_aspect[0] <= image_aspect[1], got {variety.image_aspect}")
     if not 0.0 <= variety.grain[0] <= variety.grain[1]:
         raise ValueError(f"need 0 <= grain[0] <= grain[1], got {variety.grain}")
     if variety.clutter < 0 or not (0.0 <= variety.empty_fraction < 1.0):
@@ -517,6 +525,7 @@ def generate_synthetic_coco(
     clutter: float = 0.0,
     empty_fraction: float = 0.0,
     grain: tuple[float, float] = (2.0, 8.0),
+    image_aspect: tuple[float, float] | None = None,
     jpeg_quality: int = 90,
     skip_if_complete: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -539,14 +548,15 @@ def generate_synthetic_coco(
         clutter: mean number of unannotated distractor shapes per image (Poisson).
         empty_fraction: share of images drawn without objects (clutter only).
         grain: range of the background's noise standard deviation (0..255 units).
+        image_aspect: (lo, hi) of width / height ((1.7, 1.8): 16:9 frames), the height from the width; None: free.
         jpeg_quality: JPEG quality (4:4:4 chroma, so small objects keep their colour).
         skip_if_complete: return at once when ``out_dir`` already holds a complete dataset made
             with the same parameters (see ``synth_manifest.json``).
         progress: optional callback ``progress(done, total)`` called after each image.
     """
     classes = synth_classes(num_classes)
-    variety = Variety(tuple(classes), min_objects, max_objects, tuple(size_range), small_fraction,
-                      tuple(aspect_range), log_aspect, clutter, empty_fraction, tuple(grain))
+    variety = Variety(tuple(classes), min_objects, max_objects, tuple(size_range), small_fraction, tuple(aspect_range),
+                      log_aspect, clutter, empty_fraction, tuple(grain), image_aspect and tuple(image_aspect))
     _check_params(num_images, min_side, max_side, variety)
     out_dir = Path(out_dir)
     params = _params(num_images, seed, min_side, max_side, variety, jpeg_quality)

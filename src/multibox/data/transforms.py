@@ -1,14 +1,14 @@
 """Box-aware training / evaluation transforms (SPEC sections 2 and 3, "Augmentation").
 
-Input: ``(image, target)`` with image uint8 (3, H, W) and target["boxes"] float32 (n, 4)
-xyxy pixels, target["labels"] int64 (n,). Output: float32 (3, S, S) normalised as
-``(x - mean) / std`` (mean/std in 0..255 pixel units) and boxes xyxy normalised to [0, 1]
-of the output image; labels filtered with the boxes; other keys (image_id, orig_size) kept.
+Input: ``(image, target)`` with image uint8 (3, h, w) and target["boxes"] float32 (n, 4)
+xyxy pixels, target["labels"] int64 (n,). Output: float32 (3, H, W) (``size``: S for S x S, or (H, W)) normalised
+as ``(x - mean) / std`` (mean/std in 0..255 pixel units) and boxes xyxy normalised to [0, 1] of the output image,
+per axis; labels filtered with the boxes; other keys (image_id, orig_size) kept.
 
 Training steps (:class:`TrainTransform`), in the order they are applied: [zoom-out] -> crop -> resize ->
 [photometric distortion] -> colour jitter -> normalise -> flip. Speed: the crop window is chosen from the boxes
 alone, then the image is cropped and resized in one call (the crop is a view, so no full-size copy is made); the
-colour steps then work on the small S x S image (they commute with the flip, which is last).
+colour steps then work on the small H x W image (they commute with the flip, which is last).
 
 Crop acceptance rules (``rule=``):
 
@@ -34,17 +34,21 @@ with torchvision's parameters) adds to that:
   ``RandomPhotometricDistort`` with its defaults: brightness ×U[0.875, 1.125], contrast ×U[0.5, 1.5] (first or
   last), saturation ×U[0.5, 1.5], hue shift U[-0.05, 0.05] turns, each with p = 0.5, then a random channel
   permutation with p = 0.5; the same functional ops and clamps as torchvision's. One difference of place:
-  torchvision's pipeline distorts the full image before zoom-out and crop; here the distortion runs on the S x S
+  torchvision's pipeline distorts the full image before zoom-out and crop; here the distortion runs on the H x W
   output, so the contrast pivot (the mean grey level) is that of the visible crop, not of the whole image;
 * zoom-out ("expand", p = 0.5): the image is placed at a random position on a canvas ``r`` times its size,
   ``r ~ U[1, zoom_out]``, filled with the mean; the IoU crop is then drawn on that canvas. The canvas is never
-  built: the final window is known in canvas coordinates, so only the S x S output is allocated, filled with the
+  built: the final window is known in canvas coordinates, so only the H x W output is allocated, filled with the
   mean, and the visible part of the source is resized once and pasted into it.
 
-Resizing (``resize=``): ``"antialias"`` resizes the uint8 image with antialiasing; ``"torchvision"`` reproduces
-torchvision's detection preprocessing (GeneralizedRCNNTransform): [0, 1] pixels normalised first, then a bilinear
-resize of the float image without antialiasing (``align_corners=False``). Resizing and normalising commute up to
-float rounding; the order is torchvision's so converted torchvision weights see bit-identical inputs.
+Resizing (``resize=``, :data:`multibox.config.RESIZE_MODES`): ``"antialias"`` resizes the uint8 image with
+antialiasing; ``"torchvision"`` reproduces torchvision's detection preprocessing (GeneralizedRCNNTransform): [0, 1]
+pixels normalised first, then a bilinear resize of the float image without antialiasing (``align_corners=False``).
+Resizing and normalising commute up to float rounding; the order is torchvision's so converted torchvision weights
+see bit-identical inputs. ``"letterbox"`` keeps the aspect ratio (:mod:`multibox.core.resize`): evaluation
+letterboxes the whole image (:func:`~multibox.core.resize.letterbox_uint8`, padded with the data's uint8 mean
+colour); training letterboxes the crop window (after the zoom-out) into (H, W): antialiased resize to its
+:func:`~multibox.core.resize.placement`, the rest the normalised fill colour, as the zoom-out canvas.
 """
 
 from __future__ import annotations
@@ -59,8 +63,9 @@ import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
 
 # Defaults: the tutorial's normalisation, ImageNet's statistics in 0..255 pixel units.
-from multibox.config import IMAGENET_MEAN_255, IMAGENET_STD_255
+from multibox.config import IMAGENET_MEAN_255, IMAGENET_STD_255, RESIZE_MODES
 from multibox.core.boxes import box_iou_xyxy
+from multibox.core.resize import as_hw, boxes_to_input_xyxy, letterbox_fill, letterbox_uint8, placement
 
 if TYPE_CHECKING:
     from multibox.config import Config
@@ -95,7 +100,6 @@ PAPER_MAX_TRIALS = 40
 # needs more than R rounds with probability <= (6/7)^R: 2e-7 for R = 100, where our bound then keeps the whole image
 # (which is also what torchvision ends with when no threshold is feasible). A round costs one (40, n) IoU.
 PAPER_MAX_ROUNDS = 100
-RESIZE_MODES = ("antialias", "torchvision")
 
 
 class CropSample(NamedTuple):
@@ -351,14 +355,18 @@ def photometric_distort(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 def zoom_out_paste_geometry(
-    window: tuple[int, int, int, int], image_rect: tuple[int, int, int, int], size: int
+    window: tuple[int, int, int, int], image_rect: tuple[int, int, int, int], size: int | Sequence[int],
+    letterbox: bool = False,
 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
-    """Where the source image lands in the S x S output when ``window`` (canvas coordinates) is resized to S x S.
+    """Where the source image lands in the (H, W) output when ``window`` (canvas coordinates) is resized to the
+    window's :func:`~multibox.core.resize.placement` in it: the whole output (stretch), or the centred rectangle of
+    one scale (``letterbox``).
 
     Args:
         window: crop window (x1, y1, x2, y2) on the canvas.
-        image_rect: the source image's rectangle (left, top, left + W, top + H) on the canvas.
-        size: output side S.
+        image_rect: the source image's rectangle (left, top, left + w, top + h) on the canvas.
+        size: output size, S (S x S) or (H, W).
+        letterbox: place the window as a letterbox (aspect kept) rather than stretched.
     Returns:
         ``(source_xyxy, output_xyxy)``: the visible part of the source in source pixels, and the output rectangle
         it is resized to (corners rounded to whole output pixels, so at most half a pixel off per edge); None when
@@ -369,9 +377,10 @@ def zoom_out_paste_geometry(
     vx1, vy1, vx2, vy2 = max(wx1, ix1), max(wy1, iy1), min(wx2, ix2), min(wy2, iy2)
     if vx2 <= vx1 or vy2 <= vy1:
         return None
-    sx, sy = size / (wx2 - wx1), size / (wy2 - wy1)
-    ox1, ox2 = round((vx1 - wx1) * sx), round((vx2 - wx1) * sx)
-    oy1, oy2 = round((vy1 - wy1) * sy), round((vy2 - wy1) * sy)
+    p = placement((wy2 - wy1, wx2 - wx1), as_hw(size), letterbox)
+    sx, sy = p.width / (wx2 - wx1), p.height / (wy2 - wy1)
+    ox1, ox2 = p.left + round((vx1 - wx1) * sx), p.left + round((vx2 - wx1) * sx)
+    oy1, oy2 = p.top + round((vy1 - wy1) * sy), p.top + round((vy2 - wy1) * sy)
     if ox2 <= ox1 or oy2 <= oy1:
         return None
     return (vx1 - ix1, vy1 - iy1, vx2 - ix1, vy2 - iy1), (ox1, oy1, ox2, oy2)
@@ -379,10 +388,11 @@ def zoom_out_paste_geometry(
 
 def _resize_to(image: torch.Tensor, top: int, left: int, height: int, width: int, out_hw: list[int],
                mode: str) -> torch.Tensor:
-    """Crop (a view) and resize a uint8 image once; "torchvision" mode: bilinear without antialiasing."""
+    """Crop (a view) and resize a uint8 image once; "torchvision" mode: bilinear without antialiasing
+    ("letterbox" resizes as "antialias", to the placement's size)."""
     if top == 0 and left == 0 and (height, width) == tuple(image.shape[-2:]) and list(out_hw) == [height, width]:
         return image
-    return F.resized_crop(image, top, left, height, width, out_hw, antialias=(mode == "antialias"))
+    return F.resized_crop(image, top, left, height, width, out_hw, antialias=(mode != "torchvision"))
 
 
 def _normalise(image_f: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -433,14 +443,20 @@ class _SeededMixin:
         return state
 
 
-def window_target(target: dict, params: dict, window: tuple[int, int, int, int]) -> dict:
-    """The target after the sampled geometry: kept boxes (in window pixels) scaled to [0, 1] of the window, flipped
-    if sampled, clipped; degenerate boxes dropped with their labels. Shared by the CPU and the batched pipelines so
-    both produce bit-identical boxes."""
+def window_target(target: dict, params: dict, window: tuple[int, int, int, int],
+                  letterbox_hw: Sequence[int] | None = None) -> dict:
+    """The target after the sampled geometry: kept boxes (in window pixels) scaled to [0, 1] of the window
+    (stretch), or, with ``letterbox_hw`` (H, W), mapped to where the window is letterboxed in that output
+    (:func:`~multibox.core.resize.boxes_to_input_xyxy` of the window), flipped if sampled, clipped; degenerate
+    boxes dropped with their labels. Shared by the CPU and the batched pipelines so both produce bit-identical
+    boxes."""
     x1, y1, x2, y2 = window
-    boxes = params["boxes"].clone()
-    boxes[:, 0::2] /= float(x2 - x1)
-    boxes[:, 1::2] /= float(y2 - y1)
+    if letterbox_hw is not None:
+        boxes = boxes_to_input_xyxy(params["boxes"].reshape(-1, 4), (y2 - y1, x2 - x1), letterbox_hw, True)
+    else:
+        boxes = params["boxes"].clone()
+        boxes[:, 0::2] /= float(x2 - x1)
+        boxes[:, 1::2] /= float(y2 - y1)
     if params["flip"]:
         boxes = torch.stack([1.0 - boxes[:, 2], boxes[:, 1], 1.0 - boxes[:, 0], boxes[:, 3]], dim=1)
     boxes = boxes.clamp_(0.0, 1.0)
@@ -459,7 +475,7 @@ class TrainTransform(_SeededMixin):
     -> flip (see the module docstring).
 
     Args:
-        size: output side S.
+        size: output size: S (S x S) or (H, W).
         mean, std: per-channel normalisation in 0..255 pixel units.
         crop_rule: "tutorial" or "paper" acceptance rule of the random crop; None disables the crop.
         flip_p: probability of a horizontal flip.
@@ -472,8 +488,9 @@ class TrainTransform(_SeededMixin):
             (:func:`sample_photometric`, :func:`photometric_distort`).
         zoom_out: largest zoom-out ratio (the paper: 4); <= 1 disables it (:func:`sample_zoom_out`).
         zoom_out_p: probability of a zoom-out.
-        fill: the zoom-out canvas colour in 0..255 units (default: ``mean``, which normalises to 0).
-        resize: "antialias" or "torchvision" (see the module docstring).
+        fill: the zoom-out canvas (and letterbox padding) colour in 0..255 units (default: ``mean``, which
+            normalises to 0).
+        resize: one of :data:`multibox.config.RESIZE_MODES` (see the module docstring).
 
     Random numbers are drawn in this order: zoom-out (only if enabled), crop, flip and jitter, photometric (only if
     enabled); with both disabled the stream, and so every output, is the same as without these options. (The paper
@@ -490,7 +507,7 @@ class TrainTransform(_SeededMixin):
 
     def __init__(
         self,
-        size: int = 300,
+        size: int | Sequence[int] = 300,
         mean: Sequence[float] = IMAGENET_MEAN_255,
         std: Sequence[float] = IMAGENET_STD_255,
         crop_rule: str | None = "tutorial",
@@ -508,7 +525,9 @@ class TrainTransform(_SeededMixin):
             raise ValueError(f"unknown crop_rule {crop_rule!r}")
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
-        self.size = int(size)
+        self.input_hw = as_hw(size)
+        self.size = size if isinstance(size, int) else self.input_hw   # as given: S, or (H, W)
+        self.letterbox = resize == "letterbox"
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.crop_rule = crop_rule
@@ -575,29 +594,29 @@ class TrainTransform(_SeededMixin):
         return _normalise(x.mul_(255.0), self.mean, self.std)
 
     def apply(self, image: torch.Tensor, target: dict, params: dict) -> tuple[torch.Tensor, dict]:
-        """Apply ``params`` (from :meth:`sample_params`) to ``image`` uint8 (3, H, W)."""
+        """Apply ``params`` (from :meth:`sample_params`) to ``image`` uint8 (3, h, w) -> float32 (3, H, W) and the
+        target with boxes normalised to it."""
         height, width = int(image.shape[-2]), int(image.shape[-1])
-        expand = params.get("expand")
-        if expand is None:
-            window = params["window"] or (0, 0, width, height)
+        canvas_w, canvas_h, left, top = params.get("expand") or (width, height, 0, 0)
+        window = params["window"] or (0, 0, canvas_w, canvas_h)
+        if params.get("expand") is None and not self.letterbox:
             x1, y1, x2, y2 = window
             # One crop + resize: the crop is a strided view, so only the output is allocated.
-            out = _resize_to(image, y1, x1, y2 - y1, x2 - x1, [self.size, self.size], self.resize)
+            out = _resize_to(image, y1, x1, y2 - y1, x2 - x1, list(self.input_hw), self.resize)
             x = self._colour(out.float(), params)
         else:
-            canvas_w, canvas_h, left, top = expand
-            window = params["window"] or (0, 0, canvas_w, canvas_h)
             # The canvas is never built: the output starts as the (normalised) fill and receives the visible part
-            # of the source, resized once to where it lands.
-            x = self.fill_normalised.expand(3, self.size, self.size).clone()
-            placed = zoom_out_paste_geometry(window, (left, top, left + width, top + height), self.size)
+            # of the source, resized once to where it lands (a letterbox pads with the same fill).
+            x = self.fill_normalised.expand(3, *self.input_hw).clone()
+            placed = zoom_out_paste_geometry(window, (left, top, left + width, top + height), self.input_hw,
+                                             self.letterbox)
             if placed is not None:
                 (sx1, sy1, sx2, sy2), (ox1, oy1, ox2, oy2) = placed
                 patch = _resize_to(image, sy1, sx1, sy2 - sy1, sx2 - sx1, [oy2 - oy1, ox2 - ox1], self.resize)
                 x[:, oy1:oy2, ox1:ox2] = self._colour(patch.float(), params)
         if params["flip"]:
             x = x.flip(-1)
-        return x, window_target(target, params, window)
+        return x, window_target(target, params, window, self.input_hw if self.letterbox else None)
 
     def __call__(self, image: torch.Tensor, target: dict,
                  key: Sequence[int] | None = None) -> tuple[torch.Tensor, dict]:
@@ -610,52 +629,59 @@ class TrainTransform(_SeededMixin):
 
 
 class EvalTransform:
-    """Evaluation transform: resize to (size, size) and normalise; boxes normalised to [0, 1].
+    """Evaluation transform: resize to (H, W) and normalise; boxes normalised per axis to [0, 1] of the input.
 
     Args:
-        size: output side S.
+        size: output size: S (S x S) or (H, W).
         mean, std: per-channel normalisation in 0..255 pixel units.
-        resize: "antialias" (uint8 resize with antialiasing, then normalise) or "torchvision" (torchvision's SSD
+        resize: "antialias" (uint8 resize with antialiasing, then normalise), "torchvision" (torchvision's SSD
             preprocessing, exactly: ``(x/255 - mean/255) / (std/255)``, then bilinear interpolation of the float
-            image, ``align_corners=False``, no antialiasing).
+            image, ``align_corners=False``, no antialiasing) or "letterbox" (:func:`multibox.core.resize
+            .letterbox_uint8` padded with :func:`~multibox.core.resize.letterbox_fill` of ``mean``, then normalised
+            as "antialias"; boxes through :func:`~multibox.core.resize.boxes_to_input_xyxy`, padding included).
     """
 
     def __init__(
-        self, size: int = 300, mean: Sequence[float] = IMAGENET_MEAN_255, std: Sequence[float] = IMAGENET_STD_255,
-        resize: str = "antialias",
+        self, size: int | Sequence[int] = 300, mean: Sequence[float] = IMAGENET_MEAN_255,
+        std: Sequence[float] = IMAGENET_STD_255, resize: str = "antialias",
     ) -> None:
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; choose one of {RESIZE_MODES}")
-        self.size = int(size)
+        self.input_hw = as_hw(size)
+        self.size = size if isinstance(size, int) else self.input_hw   # as given: S, or (H, W)
         self.resize = resize
+        self.letterbox = resize == "letterbox"
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         # torchvision's constants in [0, 1] units, rounded to float32 from float64 as torchvision's are.
         self.mean_01 = torch.tensor([m / 255.0 for m in mean], dtype=torch.float32).view(3, 1, 1)
         self.std_01 = torch.tensor([v / 255.0 for v in std], dtype=torch.float32).view(3, 1, 1)
+        self.fill_uint8 = letterbox_fill(mean) if self.letterbox else None
 
     def _images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float32 (N, 3, S, S), on the images' device."""
+        """uint8 (N, 3, h, w) -> float32 (N, 3, H, W), on the images' device."""
         height, width = int(images.shape[-2]), int(images.shape[-1])
-        resize = (height, width) != (self.size, self.size)
+        resize = (height, width) != self.input_hw
         if self.resize == "torchvision":
             mean, std = self.mean_01.to(images.device), self.std_01.to(images.device)
             x = (images.float() / 255.0 - mean) / std
-            return nnf.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False) \
+            return nnf.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False) \
                 if resize else x
-        if resize:
-            images = F.resize(images, [self.size, self.size], antialias=True)
+        if self.letterbox:
+            images = letterbox_uint8(images, self.input_hw, self.fill_uint8)
+        elif resize:
+            images = F.resize(images, list(self.input_hw), antialias=True)
         return _normalise(images.float(), self.mean.to(images.device), self.std.to(images.device))
 
     def batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """uint8 (3, H_i, W_i) images, all on one device -> float32 (N, 3, S, S) there.
+        """uint8 (3, h_i, w_i) images, all on one device -> float32 (N, 3, H, W) there.
 
         Images of the same size are resized in one call, so on a GPU a batch of video frames or same-sized photos
         costs one kernel launch per step instead of a CPU resize per image."""
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, image in enumerate(images):
             by_size.setdefault(tuple(image.shape), []).append(i)
-        out = torch.empty(len(images), 3, self.size, self.size, device=images[0].device)
+        out = torch.empty(len(images), 3, *self.input_hw, device=images[0].device)
         for indices in by_size.values():
             out[indices] = self._images(torch.stack([images[i] for i in indices]))
         return out
@@ -667,8 +693,11 @@ class EvalTransform:
             return x, None
         new_target = dict(target)
         boxes = target["boxes"].reshape(-1, 4).to(torch.float32)
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        new_target["boxes"] = (boxes / scale).clamp_(0.0, 1.0)
+        if self.letterbox:
+            boxes = boxes_to_input_xyxy(boxes, (height, width), self.input_hw, True)
+        else:
+            boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
+        new_target["boxes"] = boxes.clamp_(0.0, 1.0)
         return x, new_target
 
 

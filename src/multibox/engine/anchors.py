@@ -15,7 +15,7 @@ from multibox.config import Config
 from multibox.core.anchor_fit import sample_rows
 from multibox.data.anchor_fitting import describe_fit, fit_anchors
 from multibox.data.build import DataSplits
-from multibox.data.objects import object_table
+from multibox.data.objects import letterbox_input, object_table
 from multibox.errors import MultiboxError
 from multibox.evaluation.anchors import AnchorReport
 
@@ -49,7 +49,7 @@ def fit_run_anchors(cfg: Config, splits: DataSplits, env: mbdist.DistEnv,
 def _decide(cfg: Config, splits: DataSplits, fine_tuning: bool) -> AnchorReport:
     """Rank 0: the decision on every training object, and its analysis on up to :data:`RECORD_IMAGES` images."""
     indices = splits.train.indices
-    table = object_table(splits.train.dataset, indices)
+    table = object_table(splits.train.dataset, indices, letterbox_input(cfg))
     result = fit_anchors(cfg, table, fine_tuning=fine_tuning)
     logger.info(describe_fit(result))
     recorded = [indices[i] for i in sample_rows(len(indices), RECORD_IMAGES, cfg.train.seed).tolist()]

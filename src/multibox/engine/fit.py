@@ -60,6 +60,7 @@ from multibox.checkpoint import load_checkpoint, save_checkpoint
 from multibox.config import Config, save_config
 from multibox.core.losses import build_criterion
 from multibox.core.matching import build_encoder
+from multibox.core.resize import as_hw
 from multibox.data.build import DataSplits, EpochShuffleSampler, build_splits, make_loader
 from multibox.data.gpu_transforms import DeviceAugmentLoader, build_batch_augment
 from multibox.engine.anchors import fit_run_anchors
@@ -306,7 +307,8 @@ def check_batch_statistics(cfg: Config, model: nn.Module, images_per_step: int) 
     image per step (per process) and a 1x1 feature map, where BatchNorm in training mode has no statistics to
     compute (PyTorch raises in the middle of the first step)."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if images_per_step == 1 and has_bn and min(cfg.anchors.feature_sizes) == 1 and not cfg.train.freeze_bn:
+    single = any(as_hw(f) == (1, 1) for f in cfg.anchors.feature_sizes)
+    if images_per_step == 1 and has_bn and single and not cfg.train.freeze_bn:
         raise InputError(f"{cfg.model.arch} normalises its 1x1 feature map with BatchNorm, which needs at least 2 "
                          f"images per step; this run has 1 per process: raise train.batch_size, or set "
                          f"train.freeze_bn=true (BatchNorm then uses its running statistics)")

@@ -23,12 +23,13 @@ from torch import Tensor
 
 from multibox.config import Config
 from multibox.core.anchor_fit import ShapeGrid, reaches
-from multibox.core.anchors import AnchorSpec, anchor_spec, default_boxes_cxcywh
+from multibox.core.anchors import AnchorSpec, default_boxes_cxcywh
 from multibox.core.boxes import box_iou_xyxy, cxcywh_to_xyxy
 from multibox.core.matching import MATCHERS, PAD_LABEL
 from multibox.data.anchor_fitting import AnchorFit, strict_matching
 from multibox.data.objects import ObjectTable
 from multibox.io import atomic_write_text
+from multibox.models import model_anchor_spec
 
 # COCO's size buckets: area in pixels of the image (its eval's areaRng).
 SIZE_BUCKETS = (("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, math.inf))
@@ -53,7 +54,7 @@ class ObjectMatch:
 
 def _anchor_levels(spec: AnchorSpec) -> Tensor:
     """(A,) the feature level of each default box, in the boxes' order."""
-    counts = [f * f * k for f, k in zip(spec.feature_sizes, spec.boxes_per_location())]
+    counts = [math.prod(spec.grid_hw(k)) * n for k, n in enumerate(spec.boxes_per_location())]
     return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
 
 
@@ -133,7 +134,7 @@ class AnchorAnalysis:
 
 def analyse_anchors(table: ObjectTable, cfg: Config, spec: AnchorSpec | None = None) -> AnchorAnalysis:
     """The analysis of ``cfg``'s default boxes (or ``spec``'s: fitted ones) on ``table``'s objects."""
-    spec = spec or anchor_spec(cfg.anchors, cfg.model.image_size)
+    spec = spec or model_anchor_spec(cfg)
     threshold, rule = cfg.loss.iou_threshold, cfg.loss.match_rule
     strict = strict_matching(cfg)
     match = match_objects(table, spec, threshold, rule)
@@ -141,8 +142,8 @@ def analyse_anchors(table: ObjectTable, cfg: Config, spec: AnchorSpec | None = N
     wh = table.boxes_cxcywh[:, 2:]
     aspect = wh[:, 0] / wh[:, 1].clamp(min=1e-12)
     matched = reaches(match.best_iou, threshold, strict)
-    size = spec.image_size
-    summary = {"objects": n, "images": int(torch.unique(table.image_index).numel()), "image_size": size,
+    size = spec.image_hw
+    summary = {"objects": n, "images": int(torch.unique(table.image_index).numel()), "image_hw": list(size),
                "default_boxes": int(spec.num_anchors()), "matching": {"rule": rule, "iou_threshold": threshold},
                "recall": float(matched.double().mean()) if n else None,
                "mean_best_iou": float(match.best_iou.mean()) if n else None,
@@ -163,18 +164,18 @@ def analyse_anchors(table: ObjectTable, cfg: Config, spec: AnchorSpec | None = N
 
 def _shapes_px(spec: AnchorSpec) -> list[dict[str, Any]]:
     grid = ShapeGrid.of(spec)
-    return [{"level": k, "feature_size": int(f), "sizes_px": [[round(w * spec.image_size, 2),
-                                                               round(h * spec.image_size, 2)]
-                                                              for w, h in grid.wh[grid.level == k].tolist()]}
-            for k, f in enumerate(spec.feature_sizes)]
+    height, width = spec.image_hw
+    return [{"level": k, "feature_hw": list(spec.grid_hw(k)),
+             "sizes_px": [[round(w * width, 2), round(h * height, 2)] for w, h in grid.wh[grid.level == k].tolist()]}
+            for k in range(len(spec.feature_sizes))]
 
 
-def _unmatched(table: ObjectTable, match: ObjectMatch, matched: Tensor, size: int) -> dict[str, Any]:
+def _unmatched(table: ObjectTable, match: ObjectMatch, matched: Tensor, size_hw: tuple[int, int]) -> dict[str, Any]:
     index = torch.nonzero(~matched).flatten()
     index = index[torch.argsort(match.best_iou[index], stable=True)][:MAX_LISTED]
     items = [{"file": table.files[int(table.image_index[i])], "ann_id": int(table.ann_id[i]),
               "label": int(table.labels[i]), "bbox_ltwh": [round(float(v), 2) for v in table.bbox_ltwh[i]],
-              "wh_net_px": [round(float(v) * size, 1) for v in table.boxes_cxcywh[i, 2:]],
+              "wh_net_px": [round(float(v) * s, 1) for v, s in zip(table.boxes_cxcywh[i, 2:], size_hw[::-1])],
               "best_iou": round(float(match.best_iou[i]), 4)} for i in index.tolist()]
     return {"count": int((~matched).sum()), "listed": items}
 
@@ -242,7 +243,7 @@ class AnchorReport:
     @staticmethod
     def of(cfg: Config, table: ObjectTable, decision: AnchorFit) -> "AnchorReport":
         """Analyse ``cfg``'s boxes (as given, before any fitting) and the fitted ones on ``table``."""
-        spec = anchor_spec(cfg.anchors, cfg.model.image_size)
+        spec = model_anchor_spec(cfg)
         before = analyse_anchors(table, cfg, spec)
         after = analyse_anchors(table, cfg, decision.spec(spec)) if decision.fitted else None
         record = {"anchors": dataclasses.asdict(cfg.anchors), "fitted": decision.fitted, "reason": decision.reason,
@@ -278,11 +279,11 @@ def plot_anchors(table: ObjectTable, analysis: AnchorAnalysis, path, fitted: Anc
     from multibox.evaluation.plots import save_figure_png
 
     report = analysis.report
-    size = report["summary"]["image_size"]
+    height, width = report["summary"]["image_hw"]
     fig = Figure(figsize=(12, 5.2), dpi=100)
     FigureCanvasAgg(fig)
     ax, hist = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    wh = table.boxes_cxcywh[:, 2:].numpy() * size
+    wh = table.boxes_cxcywh[:, 2:].numpy() * np.array([width, height])
     pick = np.random.default_rng(0).permutation(len(wh))[:max_points]
     unmatched = ~analysis.matched.numpy()
     for mask, colour, label in ((~unmatched[pick], "#999999", "objects"),
@@ -292,7 +293,7 @@ def plot_anchors(table: ObjectTable, analysis: AnchorAnalysis, path, fitted: Anc
     if fitted is not None:
         _draw_shapes(ax, fitted.report["boxes"], "*", "fitted boxes")
     ax.set(xscale="log", yscale="log", xlabel="width (network px)", ylabel="height (network px)",
-           title=f"objects and default boxes at {size}x{size}")
+           title=f"objects and default boxes at {height}x{width}")
     ax.legend(fontsize=7, loc="upper left")
     _draw_histogram(hist, report, None if fitted is None else fitted.report)
     fig.tight_layout()
@@ -306,7 +307,7 @@ def _draw_shapes(ax, boxes: list[dict[str, Any]], marker: str, label: str) -> No
         ax.scatter(wh[:, 0], wh[:, 1], marker=marker, s=60 if marker == "*" else 36,
                    facecolors=colours[level["level"] % len(colours)] if marker == "*" else "none",
                    edgecolors=colours[level["level"] % len(colours)], linewidths=1.5,
-                   label=f"{label}, level {level['level']} ({level['feature_size']}x{level['feature_size']})")
+                   label=f"{label}, level {level['level']} ({'x'.join(map(str, level['feature_hw']))})")
 
 
 def _draw_histogram(ax, analysis: dict[str, Any], fitted: dict[str, Any] | None) -> None:

@@ -3,22 +3,28 @@
 The exported graph
 ==================
 
-Input ``images``: (N, 3, S, S) RGB images **already resized** to the model's S x S (S = ``model.image_size``,
-300 for SSD300), each axis independently, with the resize of the preset's evaluation (``data.resize``; see
-:func:`multibox.inference.onnx.resize_for_model`, which :class:`~multibox.inference.onnx.OnnxDetector`
-applies for you):
+Input ``images``: (N, 3, H, W) RGB images **already resized** to the model's H x W (``model.image_size``: S for
+S x S, 300 for SSD300, or [H, W]; H and W are fixed in the graph), with the resize of the preset's evaluation
+(``data.resize``; see :func:`multibox.inference.onnx.resize_for_model`, which
+:class:`~multibox.inference.onnx.OnnxDetector` applies for you):
 
-- ``antialias`` (tutorial, tiny presets): bilinear with antialiasing on the uint8 image; input ``uint8``;
-- ``torchvision`` (paper presets): bilinear without antialiasing (``align_corners=False``) on the float image;
-  input ``float32`` with values in 0..255 (not rounded: rounding to uint8 would change the detections slightly).
+- ``antialias`` (tutorial, tiny presets): each axis scaled on its own, bilinear with antialiasing on the uint8
+  image; input ``uint8``;
+- ``torchvision`` (paper presets): each axis scaled on its own, bilinear without antialiasing
+  (``align_corners=False``) on the float image; input ``float32`` with values in 0..255 (not rounded: rounding to
+  uint8 would change the detections slightly);
+- ``letterbox``: one scale for both axes (the largest that fits), antialiased on the uint8 image, centred and padded
+  with the data's mean colour (metadata ``multibox.letterbox_fill``; see :mod:`multibox.core.resize`); input
+  ``uint8``.
 
 ``--input-dtype`` overrides the dtype. The batch axis is dynamic. The normalisation is inside the graph:
-``(x - mean) / std`` (antialias) or torchvision's ``(x / 255 - mean / 255) / (std / 255)``.
+``(x - mean) / std`` (antialias, letterbox) or torchvision's ``(x / 255 - mean / 255) / (std / 255)``.
 
 Outputs with postprocessing (the default), K = the per-image detection cap:
 
-- ``boxes``: (N, K, 4) float32 xyxy, normalised to [0, 1] of the input image: multiply by (W, H, W, H) of the
-  original image to get its pixels (the S x S resize scales each axis independently);
+- ``boxes``: (N, K, 4) float32 xyxy, normalised to [0, 1] of the H x W input: for a stretching resize multiply by
+  (w, h, w, h) of the original image to get its pixels; for letterbox undo the padding and the one scale first
+  (:func:`multibox.core.resize.boxes_to_image_xyxy`, which :class:`~multibox.inference.onnx.OnnxDetector` applies);
 - ``scores``: (N, K) float32, descending within an image;
 - ``labels``: (N, K) int64 class indices 1..C into the class names stored in the model's metadata (0 is background;
   ``multibox.category_ids[label - 1]`` is the label's ``category_id`` in the data);
@@ -39,8 +45,9 @@ constant ``anchors_cxcywh`` (A, 4) default boxes, for users who decode and suppr
 The model's metadata (``metadata_props``) holds ``multibox.config`` (the full config as JSON),
 ``multibox.class_names`` (JSON list, index 0 = "background"), ``multibox.category_ids`` (JSON list: the data's
 ``category_id`` of each label 1..C, see :mod:`multibox.data.categories`), ``multibox.postprocess`` ("1"/"0"),
-``multibox.max_detections``, ``multibox.resize`` (the resize the input needs) and ``multibox.input`` (a one-line
-description of the input).
+``multibox.max_detections``, ``multibox.resize`` (the resize the input needs), ``multibox.input`` (a one-line
+description of the input) and, for letterbox exports only, ``multibox.letterbox_fill`` (JSON list: the uint8
+padding colour, :func:`multibox.core.resize.letterbox_fill` of ``data.mean``).
 
 Exporter: ``exporter="dynamo"`` is torch's maintained, ``torch.export``-based ``torch.onnx.export(...,
 dynamo=True)`` (needs onnxscript); ``"torchscript"`` is the TorchScript-based one (``dynamo=False``), deprecated by
@@ -77,6 +84,7 @@ from torch import Tensor, nn
 
 from multibox.config import Config
 from multibox.core.postprocess import PostProcessor, build_postprocessor, group_rank, grouped_nms
+from multibox.core.resize import as_hw, letterbox_fill
 from multibox.data.categories import category_ids_of
 from multibox.errors import InputError, MultiboxError
 from multibox.export import DEFAULT_MAX_DETECTIONS, DYNAMO_OPSET, EXPORTER_NAMES, OPSET
@@ -111,7 +119,7 @@ class OnnxExportError(MultiboxError, RuntimeError):
 
 INPUT_DTYPES = {"uint8": torch.uint8, "float32": torch.float32}   # keys: multibox.export.INPUT_DTYPE_NAMES
 # The input dtype that loses nothing for each data.resize mode (see the module docstring).
-DEFAULT_INPUT_DTYPE = {"antialias": "uint8", "torchvision": "float32"}
+DEFAULT_INPUT_DTYPE = {"antialias": "uint8", "torchvision": "float32", "letterbox": "uint8"}
 
 
 # --------------------------------------------------------------------------- NMS as one ONNX op
@@ -212,7 +220,7 @@ class ExportableSSD(nn.Module):
         postprocess: the PostProcessor to reproduce; None -> raw outputs (loc, cls_logits).
         max_detections: K, the fixed number of output rows per image (and the per-image cap).
 
-    ``forward(images)``: (N, 3, S, S) uint8 or float (0..255) -> see the module docstring. In eager mode it gives
+    ``forward(images)``: (N, 3, H, W) uint8 or float (0..255) -> see the module docstring. In eager mode it gives
     the same values as the ONNX graph, so it can be checked without onnxruntime.
     """
 
@@ -235,7 +243,7 @@ class ExportableSSD(nn.Module):
         self.max_detections = int(max_detections)
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        """(N, 3, S, S) -> (boxes, scores, labels, num_detections), or (loc, cls_logits) without postprocess."""
+        """(N, 3, H, W) -> (boxes, scores, labels, num_detections), or (loc, cls_logits) without postprocess."""
         x = images.float()
         if self.torchvision_normalise:
             x = x / 255.0
@@ -415,17 +423,20 @@ def _output_axes(postprocess: bool) -> tuple[list[str], dict[str, dict[int, str]
 def _metadata(cfg: Config, class_names: Sequence[str], category_ids: Sequence[int], postprocess: bool,
               max_detections: int, input_dtype: str, resize: str) -> dict[str, str]:
     """The ``metadata_props`` entries (see the module docstring)."""
-    size = cfg.model.image_size
-    return {
+    height, width = as_hw(cfg.model.image_size)
+    meta = {
         "multibox.config": json.dumps(cfg.to_dict()),
         "multibox.class_names": json.dumps(list(class_names)),
         "multibox.category_ids": json.dumps([int(c) for c in category_ids]),
         "multibox.postprocess": "1" if postprocess else "0",
         "multibox.max_detections": str(max_detections),
-        "multibox.input": f"images: (N, 3, {size}, {size}) {input_dtype} RGB, 0..255, resized to {size}x{size} "
-                          f"({resize} resize); boxes out: xyxy normalised to [0, 1]",
+        "multibox.input": f"images: (N, 3, {height}, {width}) {input_dtype} RGB, 0..255, resized to "
+                          f"{height}x{width} ({resize} resize); boxes out: xyxy normalised to [0, 1]",
         "multibox.resize": resize,
     }
+    if resize == "letterbox":
+        meta["multibox.letterbox_fill"] = json.dumps(letterbox_fill(cfg.data.mean))
+    return meta
 
 
 def _finish_graph(proto: Any, module: ExportableSSD, postprocess: bool, meta: dict[str, str]) -> None:
@@ -486,9 +497,9 @@ def export_onnx(model: nn.Module, cfg: Config, class_names: Sequence[str], out: 
     k = max_detections or cfg.eval.max_per_image or DEFAULT_MAX_DETECTIONS
     pp = build_postprocessor(cfg) if postprocess else None
     module = ExportableSSD(model.cpu().float(), cfg.data.mean, cfg.data.std, pp, k, resize).eval()
-    size = cfg.model.image_size
-    # A batch of 2: torch.export would specialise a batch of 1 to a constant.
-    example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8).to(INPUT_DTYPES[input_dtype])
+    # A batch of 2: torch.export would specialise a batch of 1 to a constant. H and W stay the example's: fixed.
+    example = torch.randint(0, 256, (2, 3, *as_hw(cfg.model.image_size)),
+                            dtype=torch.uint8).to(INPUT_DTYPES[input_dtype])
     outputs, axes = _output_axes(postprocess)
     with atomic_path(out) as tmp:
         with torch.no_grad():

@@ -207,7 +207,7 @@ class _Batches:
 
 
 def _as_arrays(calibration_batches: Iterable[Any]) -> list[np.ndarray]:
-    """(N, 3, S, S) tensors or arrays -> a list of contiguous numpy arrays (refused when there is none)."""
+    """(N, 3, H, W) tensors or arrays -> a list of contiguous numpy arrays (refused when there is none)."""
     arrays = [b.numpy() if isinstance(b, torch.Tensor) else np.asarray(b) for b in calibration_batches]
     if not arrays:
         raise InputError("calibration needs at least one image; got none")
@@ -221,7 +221,7 @@ def quantize_onnx(float_path: str | os.PathLike, out_path: str | os.PathLike, ca
     ``out_path``.
 
     Args:
-        calibration_batches: (N, 3, S, S) arrays (or tensors) of the graph's input dtype: resized images
+        calibration_batches: (N, 3, H, W) arrays (or tensors) of the graph's input dtype: resized images
             (:func:`multibox.inference.onnx.resize_for_model`).
         keep_float: node names of the graph to leave in float; None = the first convolution and the last one of
             every head (:attr:`NetworkGraph.default_keep_float`; only the first with ``quantize_heads``). Names of
@@ -458,13 +458,14 @@ def _calibration_data(cfg: Any, calib_data: str, calib_images: int, val_data: st
 
 
 def calibration_batches(images: Sequence[torch.Tensor], detector: Any, batch_size: int = 1) -> list[np.ndarray]:
-    """Decoded uint8 images -> the graph inputs of ``detector`` (an OnnxDetector): (B, 3, S, S) arrays of its
-    input dtype, resized by :func:`~multibox.inference.onnx.resize_for_model` with its resize."""
+    """Decoded uint8 images -> the graph inputs of ``detector`` (an OnnxDetector): (B, 3, H, W) arrays of its
+    input dtype, resized by :func:`~multibox.inference.onnx.resize_for_model` with its input size, resize and
+    letterbox fill (what its ``predict`` feeds the graph)."""
     from multibox.inference.onnx import resize_for_model
 
     batches = []
     for start in range(0, len(images), batch_size):
-        stacked = torch.stack([resize_for_model(im, detector.image_size, detector.resize)
+        stacked = torch.stack([resize_for_model(im, detector.image_hw, detector.resize, detector.letterbox_fill)
                                for im in images[start:start + batch_size]])
         if detector.input_dtype == np.uint8 and stacked.dtype != torch.uint8:
             stacked = stacked.round().clamp(0, 255).to(torch.uint8)

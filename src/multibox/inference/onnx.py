@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from multibox.config import Config
+from multibox.config import RESIZE_MODES, Config
 from multibox.core.postprocess import build_postprocessor
+from multibox.core.resize import as_hw, detections_to_pixels, letterbox_fill, letterbox_uint8
 from multibox.data.categories import category_ids_of, label_to_category_id
 from multibox.errors import InputError, MultiboxError
 from multibox.inference.detector import ImageLike, check_limits, image_batches, with_limits
@@ -87,38 +88,51 @@ def load_onnx(path: str | os.PathLike, device: str = "auto", precision: str | No
     return OnnxDetector(path, providers=providers, threads=threads, runtime=runtime)
 
 
-def resize_for_model(image: Tensor, size: int, resize: str = "antialias") -> Tensor:
-    """(3, H, W) uint8 -> (3, S, S) contiguous, as the exported graph expects it, the resize of
-    :class:`multibox.data.transforms.EvalTransform`: "antialias" -> uint8 (antialiased bilinear of the uint8 image);
-    "torchvision" -> float32 in 0..255 (bilinear of the float image, no antialiasing; EvalTransform normalises first
-    and resizes then, the same linear maps in the other order)."""
-    return _resized_view(image, size, resize).contiguous()
+def resize_for_model(image: Tensor, size: int | Sequence[int], resize: str = "antialias",
+                     fill: Sequence[int] | None = None) -> Tensor:
+    """(3, h, w) uint8 -> (3, H, W) contiguous, as the exported graph expects it, the resize of
+    :class:`multibox.data.transforms.EvalTransform` (``size``: S for S x S, or (H, W)):
+
+    - "antialias" -> uint8 (antialiased bilinear of the uint8 image, each axis scaled on its own);
+    - "torchvision" -> float32 in 0..255 (bilinear of the float image, no antialiasing; EvalTransform normalises
+      first and resizes then, the same linear maps in the other order);
+    - "letterbox" -> uint8: one scale for both axes, centred and padded with ``fill`` (the data's mean colour,
+      :func:`multibox.core.resize.letterbox_fill`; :attr:`OnnxDetector.letterbox_fill`), see
+      :func:`multibox.core.resize.letterbox_uint8`.
+    """
+    return _resized_view(image, as_hw(size), resize, fill).contiguous()
 
 
-def resize_batch(images: Sequence[Tensor], size: int, resize: str = "antialias") -> Tensor:
-    """uint8 (3, H_i, W_i) images -> (N, 3, S, S) contiguous batch of :func:`resize_for_model` images, each written
+def resize_batch(images: Sequence[Tensor], size: int | Sequence[int], resize: str = "antialias",
+                 fill: Sequence[int] | None = None) -> Tensor:
+    """uint8 (3, h_i, w_i) images -> (N, 3, H, W) contiguous batch of :func:`resize_for_model` images, each written
     straight into the batch (no per-image copy, no stack)."""
+    hw = as_hw(size)
     dtype = torch.float32 if resize == "torchvision" else torch.uint8
-    batch = torch.empty((len(images), 3, size, size), dtype=dtype)
+    batch = torch.empty((len(images), 3, *hw), dtype=dtype)
     for row, image in zip(batch, images):
-        row.copy_(_resized_view(image, size, resize))
+        row.copy_(_resized_view(image, hw, resize, fill))
     return batch
 
 
-def _resized_view(image: Tensor, size: int, resize: str) -> Tensor:
-    """:func:`resize_for_model`'s values, in whatever memory layout came out of the resize. The resize runs on the
-    channels-last (H, W, 3) layout, which the decoders produce: bilinear of a float image is ~4x faster there than
-    on planar channels, and gives the same values."""
+def _resized_view(image: Tensor, hw: tuple[int, int], resize: str, fill: Sequence[int] | None) -> Tensor:
+    """:func:`resize_for_model`'s values, in whatever memory layout came out of the resize. The stretching resizes
+    run on the channels-last (h, w, 3) layout, which the decoders produce: bilinear of a float image is ~4x faster
+    there than on planar channels, and gives the same values."""
     from torchvision.transforms.v2 import functional as F
-    if resize not in ("antialias", "torchvision"):
-        raise InputError(f"unknown resize {resize!r}: antialias or torchvision")
-    if tuple(image.shape[-2:]) == (size, size):
+    if resize not in RESIZE_MODES:
+        raise InputError(f"unknown resize {resize!r}: {', '.join(RESIZE_MODES)}")
+    if resize == "letterbox":
+        if fill is None:
+            raise InputError("resize letterbox needs the fill colour (letterbox_fill of the data's mean)")
+        return letterbox_uint8(image, hw, fill)
+    if tuple(image.shape[-2:]) == hw:
         return image.float() if resize == "torchvision" else image
     x = image[None].contiguous(memory_format=torch.channels_last)
     if resize == "torchvision":
-        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(x.float(), size=hw, mode="bilinear", align_corners=False)
     else:
-        x = F.resize(x, [size, size], antialias=True)
+        x = F.resize(x, list(hw), antialias=True)
     return x[0]
 
 
@@ -136,9 +150,11 @@ class OnnxDetector:
 
     Attributes: ``runtime`` (the one that runs: "onnxruntime" or "openvino"), ``session`` (its compiled model: see
     :class:`OrtSession`), ``cfg``, ``class_names``, ``category_ids`` (the data's id of each label 1..C),
-    ``image_size``, ``has_postprocess``, ``max_detections`` (K of the graph), and ``postprocess``: for a graph
+    ``image_hw`` (the graph's input (H, W)), ``image_size`` (``model.image_size`` as configured: S, or (H, W)),
+    ``resize`` (the ``data.resize`` the input needs), ``letterbox_fill`` (the uint8 padding colour of a letterbox
+    export, else None), ``has_postprocess``, ``max_detections`` (K of the graph), and ``postprocess``: for a graph
     without postprocessing, the PyTorch PostProcessor applied to its raw outputs (adjustable like the torch
-    backend's); None otherwise.
+    backend's; it maps the boxes back to each image's pixels itself); None otherwise.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0,
@@ -154,12 +170,15 @@ class OnnxDetector:
         self.cfg = Config.from_dict(json.loads(meta["multibox.config"]))
         self.class_names: list[str] = json.loads(meta["multibox.class_names"])
         self.category_ids = _category_ids(meta, self.class_names, self.path)
-        self.image_size = int(self.cfg.model.image_size)
+        self.image_hw: tuple[int, int] = as_hw(self.cfg.model.image_size)
+        size = self.cfg.model.image_size
+        self.image_size: int | tuple[int, int] = int(size) if isinstance(size, int) else self.image_hw
         self.has_postprocess = meta.get("multibox.postprocess") == "1"
         self.max_detections = int(meta.get("multibox.max_detections", 0)) if self.has_postprocess else None
         self.input_name = self.session.input_name
         self.input_dtype = self.session.input_dtype
         self.resize = meta.get("multibox.resize", getattr(self.cfg.data, "resize", "antialias"))
+        self.letterbox_fill = _letterbox_fill(meta, self.cfg, self.path) if self.resize == "letterbox" else None
         self.postprocess = None if self.has_postprocess else build_postprocessor(self.cfg)
         self.device = torch.device("cpu")
         self._warned: set[str] = set()
@@ -175,7 +194,8 @@ class OnnxDetector:
         return self.postprocess.score_threshold if self.postprocess is not None else self.cfg.eval.score_threshold
 
     def run(self, batch: Tensor | np.ndarray) -> list[np.ndarray]:
-        """(N, 3, S, S) resized images (uint8 or float, 0..255) -> the graph's outputs, in its output order."""
+        """(N, 3, H, W) resized images (uint8 or float, 0..255; :meth:`preprocess`) -> the graph's outputs, in its
+        output order."""
         if isinstance(batch, Tensor):
             if self.input_dtype == np.uint8 and batch.dtype != torch.uint8:
                 batch = batch.round().clamp(0, 255).to(torch.uint8)
@@ -183,6 +203,11 @@ class OnnxDetector:
         elif self.input_dtype == np.uint8 and batch.dtype != np.uint8:
             batch = np.clip(np.round(batch), 0, 255)
         return self.session.run(np.ascontiguousarray(batch, dtype=self.input_dtype))
+
+    def preprocess(self, images: Sequence[Tensor]) -> Tensor:
+        """uint8 (3, h_i, w_i) images -> the (N, 3, H, W) graph input: :func:`resize_batch` with this model's
+        size, resize and letterbox fill."""
+        return resize_batch(images, self.image_hw, self.resize, self.letterbox_fill)
 
     def predict(self, images: ImageLike | Iterable[ImageLike], score: float | None = None, *, batch_size: int = 16,
                 max_det: int | None = None) -> list[dict[str, Tensor]]:
@@ -199,9 +224,10 @@ class OnnxDetector:
             postprocess = with_limits(self.postprocess, score, max_det)
         results: list[dict[str, Tensor]] = []
         for batch, sizes in image_batches(images, batch_size):
-            outputs = self.run(resize_batch(batch, self.image_size, self.resize))
+            outputs = self.run(self.preprocess(batch))
             if self.has_postprocess:
-                results += [_limit(det, score, max_det) for det in split_fixed_outputs(*outputs, sizes)]
+                results += [_limit(det, score, max_det) for det in
+                            split_fixed_outputs(*outputs, sizes, self.image_hw, self.resize == "letterbox")]
             else:
                 loc, cls_logits, anchors = (torch.from_numpy(o) for o in outputs)
                 results += postprocess(loc, cls_logits, anchors, sizes)
@@ -231,6 +257,22 @@ def _category_ids(meta: dict[str, str], class_names: list[str], path: Path) -> l
         except ValueError:
             raise OnnxModelError(f"{path}: metadata multibox.category_ids is not JSON") from None
     return category_ids_of(class_names, stored, source=f"{path}: metadata multibox.category_ids")
+
+
+def _letterbox_fill(meta: dict[str, str], cfg: Config, path: Path) -> list[int]:
+    """The padding colour of a letterbox export: its ``multibox.letterbox_fill`` (three uint8 values), else the
+    one of its config's ``data.mean`` (:func:`multibox.core.resize.letterbox_fill`)."""
+    stored = meta.get("multibox.letterbox_fill")
+    if stored is None:
+        return letterbox_fill(cfg.data.mean)
+    try:
+        fill = json.loads(stored)
+    except ValueError:
+        fill = None
+    if not (isinstance(fill, list) and len(fill) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in fill)):
+        raise OnnxModelError(f"{path}: metadata multibox.letterbox_fill is not three uint8 values: {stored!r}")
+    return fill
 
 
 def open_session(path: Path, runtime: str, providers: Sequence, threads: int,
@@ -293,7 +335,7 @@ class OrtSession:
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """(N, 3, S, S) array of ``input_dtype`` -> the outputs, in ``output_names`` order."""
+        """(N, 3, H, W) array of ``input_dtype`` -> the outputs, in ``output_names`` order."""
         return self.session.run(None, {self.input_name: batch})
 
 
@@ -334,7 +376,7 @@ class OpenVinoSession:
         self._outputs = [by_name[name] for name in self.output_names]
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        """(N, 3, S, S) array of ``input_dtype`` -> the outputs, in ``output_names`` order (copies: the request
+        """(N, 3, H, W) array of ``input_dtype`` -> the outputs, in ``output_names`` order (copies: the request
         reuses its buffers)."""
         self.request.infer({0: batch}, share_inputs=True)
         return [self.request.get_tensor(port).data.copy() for port in self._outputs]
@@ -369,13 +411,25 @@ def _limit(det: dict[str, Tensor], score: float | None, max_det: int | None) -> 
 
 
 def split_fixed_outputs(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, counts: np.ndarray,
-                        sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
-    """Fixed-size graph outputs -> per-image dicts with boxes scaled to each image's (H, W)."""
+                        sizes: Sequence[tuple[int, int]], input_hw: Sequence[int] | None = None,
+                        letterbox: bool = False) -> list[dict[str, Tensor]]:
+    """Fixed-size graph outputs -> per-image dicts with boxes in each image's pixels.
+
+    Args:
+        boxes: (N, K, 4) xyxy normalised to the (H, W) input; scores: (N, K); labels: (N, K); counts: (N,).
+        sizes: N (h, w) image sizes.
+        input_hw, letterbox: the graph's input and whether the images were letterboxed into it; the boxes map back
+            with :func:`multibox.core.resize.detections_to_pixels`, as :class:`~multibox.core.postprocess
+            .PostProcessor`'s do (stretched: times (w, h, w, h); letterboxed: clipped to the image, those wholly in
+            the padding dropped).
+    """
+    if letterbox and input_hw is None:
+        raise InputError("split_fixed_outputs: letterboxed boxes need the input (H, W) to map back")
     out = []
-    for i, (height, width) in enumerate(sizes):
+    for i, hw in enumerate(sizes):
         n = int(counts[i])
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        out.append({"boxes": torch.from_numpy(boxes[i, :n].copy()) * scale,
-                    "scores": torch.from_numpy(scores[i, :n].copy()),
-                    "labels": torch.from_numpy(labels[i, :n].astype(np.int64))})
+        pixels, keep = detections_to_pixels(torch.from_numpy(boxes[i, :n].copy()), torch.zeros(n, dtype=torch.long),
+                                            [hw], input_hw or (1, 1), letterbox)
+        out.append({"boxes": pixels[keep], "scores": torch.from_numpy(scores[i, :n].copy())[keep],
+                    "labels": torch.from_numpy(labels[i, :n].astype(np.int64))[keep]})
     return out

@@ -2,9 +2,10 @@
 :func:`multibox.evaluation.evaluate.evaluate_model` for checkpoints: same split, same scoring, same result.
 
 The images go through the detector's own :meth:`~multibox.inference.onnx.OnnxDetector.predict` -- the
-preprocessing a deployed model gets (:func:`~multibox.inference.onnx.resize_for_model` with the export's resize
-and input dtype), not the training pipeline's :class:`~multibox.data.transforms.EvalTransform`: decoded uint8
-images in, detections in original-image pixels out, scored against the split's ground truth.
+preprocessing a deployed model gets (:func:`~multibox.inference.onnx.resize_for_model` to the export's (H, W) with
+its resize -- stretched or letterboxed -- and input dtype), not the training pipeline's
+:class:`~multibox.data.transforms.EvalTransform`: decoded uint8 images in, detections in original-image pixels out
+(the letterbox padding and scale undone), scored against the split's ground truth.
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Sliced inference for large images with small objects: ``multibox predict --tile 640``, or in Python
 ``TiledDetector(multibox.load(path), tile=640).predict(images)``.
 
-An SSD sees its input resized to ``model.image_size`` (300 px for the VGG16 presets): in a 1920x1080 photo a
-20 px object shrinks to 3x6 px, below anything its anchors match. :class:`TiledDetector` also runs the detector on
-overlapping ``tile`` x ``tile`` crops, where the same object keeps about half its size, and merges:
+An SSD sees its input resized to ``model.image_size`` (300 x 300 px for the VGG16 presets; S x S or H x W,
+stretched or letterboxed as ``data.resize`` says): in a 1920x1080 photo a 20 px object shrinks to 3x6 px at 300 x
+300, below anything its anchors match. :class:`TiledDetector` also runs the detector on overlapping ``tile`` x
+``tile`` crops, where the same object keeps about half its size, and merges:
 
 1. the whole image, always (large objects, which tiles cut, are found there);
 2. tiles on a grid of stride ``tile * (1 - overlap)``, the last row and column aligned to the image's bottom and
@@ -11,6 +12,10 @@ overlapping ``tile`` x ``tile`` crops, where the same object keeps about half it
 3. tile boxes shifted to image pixels, less those that reach an inner tile border (see below), concatenated with
    the whole image's, class-wise NMS (``torchvision.ops.batched_nms``) at the model's own ``eval.nms_threshold``,
    then the best ``max_det`` by score.
+
+The tiles are square whatever the model's input: each crop goes through the detector's own ``predict``, which
+resizes it as any image (a non-square model stretches or letterboxes it, as ``data.resize`` says) and maps its
+boxes back to the crop's pixels.
 
 Boxes at inner tile borders: a box of a tile whose edge lies within ``border_margin`` px of a border that another
 tile overlaps (not the image's own border) is most likely an object that the border cuts, its box cut with it (the
@@ -38,8 +43,8 @@ __all__ = ["MIN_TILE", "TiledDetector", "check_tiling", "tile_windows_xyxy"]
 
 log = logging.getLogger(__name__)
 
-# Smaller tiles than this are no slicing an SSD can use (its input is 300 px and up) and would make thousands of
-# crops of a photo.
+# Smaller tiles than this are no slicing an SSD can use (its input is some hundred px a side) and would make
+# thousands of crops of a photo.
 MIN_TILE = 32
 
 

@@ -1,11 +1,15 @@
 """Build an SSD from a :class:`multibox.config.Config`."""
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 from torch import nn
 
-from multibox.config import Config
-from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
+from multibox.config import Config, ConfigError
+from multibox.core.anchors import AnchorSpec, anchor_spec, default_boxes_cxcywh
+from multibox.core.resize import as_hw
 from multibox.models.ssd import SSD
 from multibox.models.fpn import FPN_TRUNKS, build_fpn_backbone
 from multibox.models.shared_head import WeightSharedHead
@@ -37,6 +41,57 @@ def build_backbone(cfg: Config) -> nn.Module:
     if arch in FPN_TRUNKS:
         return build_fpn_backbone(arch)
     raise ValueError(f"unknown model.arch {arch!r}")
+
+
+def network_feature_sizes(cfg: Config) -> list[tuple[int, int]]:
+    """(f_h, f_w) of each feature map that ``model.arch`` gives at ``model.image_size``: one forward pass on the
+    meta device (shapes only: no memory, no arithmetic, no weights read)."""
+    height, width = as_hw(cfg.model.image_size)
+    with torch.device("meta"):
+        backbone = build_backbone(cfg).eval()
+    try:
+        features = backbone(torch.empty(1, 3, height, width, device="meta"))
+    except RuntimeError as e:   # a map shrunk below a kernel: the input is too small for this network
+        raise ConfigError(f"model.image_size {cfg.model.image_size!r} is too small for {cfg.model.arch}: "
+                          f"{str(e).splitlines()[0]}") from None
+    return [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+
+
+def resolve_feature_sizes(cfg: Config) -> Config:
+    """Set ``anchors.feature_sizes`` to the network's at ``model.image_size`` (f where the map is square, else
+    [f_h, f_w]) and return ``cfg``. Given sizes that differ were written for another input size (a preset's, with
+    ``model.image_size`` changed): the network's replace them, since others cannot run, and ``anchors.steps``,
+    written for that size too, are dropped (centres on the feature grid), both logged."""
+    network = network_feature_sizes(cfg)
+    if len(cfg.anchors.aspect_ratios) != len(network):
+        raise ConfigError(f"{cfg.model.arch} gives {len(network)} feature maps, anchors.aspect_ratios has "
+                          f"{len(cfg.anchors.aspect_ratios)} levels")
+    given, steps = cfg.anchors.feature_sizes, cfg.anchors.steps
+    if given is not None and [as_hw(f) for f in given] == network and _steps_fit(steps, cfg, network):
+        return cfg
+    resolved = [h if h == w else [h, w] for h, w in network]
+    cfg.anchors.feature_sizes = resolved
+    if given is not None and [as_hw(f) for f in given] != network or not _steps_fit(steps, cfg, network):
+        cfg.anchors.steps = None
+        logging.getLogger(__name__).info(
+            "anchors.feature_sizes: %s's maps at %s are %s (the config's %s and steps %s are for another input "
+            "size: centres on the feature grid)", cfg.model.arch, "x".join(map(str, as_hw(cfg.model.image_size))),
+            resolved, given, steps)
+    return cfg
+
+
+def _steps_fit(steps: list[float] | None, cfg: Config, network: list[tuple[int, int]]) -> bool:
+    """Whether ``anchors.steps`` describe these maps as the paper's do: each map has ceil(S / step) cells (SSD300:
+    300 / 8 = 37.5 -> 38); non-square inputs use the grid anyway (:meth:`AnchorSpec.density_hw`)."""
+    height, width = as_hw(cfg.model.image_size)
+    if steps is None or height != width:
+        return True
+    return len(steps) == len(network) and all(math.ceil(height / s - 1e-9) == f for s, (f, _) in zip(steps, network))
+
+
+def model_anchor_spec(cfg: Config) -> AnchorSpec:
+    """The default-box geometry of ``cfg``'s model, its feature sizes resolved (:func:`resolve_feature_sizes`)."""
+    return anchor_spec(resolve_feature_sizes(cfg).anchors, cfg.model.image_size)
 
 
 def build_head(cfg: Config, feature_channels: list[int], boxes_per_location: list[int]) -> str | nn.Module:
@@ -77,14 +132,12 @@ def build_model(cfg: Config, load_backbone_weights: bool = False) -> SSD:
     ``model.from_scratch``), ImageNet VGG16 weights from ``model.backbone_weights``, a published name resolved
     through torch hub's cache or a file (:func:`multibox.models.weights.load_vgg16_backbone`).
 
-    By default nothing is read: a checkpoint's state dict, a conversion or a benchmark replaces or ignores the
+    ``anchors.feature_sizes`` are set to the network's (:func:`resolve_feature_sizes`). By default nothing is
+    read: a checkpoint's state dict, a conversion or a benchmark replaces or ignores the
     initial weights, and only a new training run needs them (it loads them itself, with ``model.weights``: see
     :func:`multibox.models.published.plan_initial_weights`)."""
-    spec = anchor_spec(cfg.anchors, cfg.model.image_size)
+    spec = model_anchor_spec(cfg)
     backbone = build_backbone(cfg)
-    if len(backbone.out_channels) != len(spec.feature_sizes):
-        raise ValueError(f"{cfg.model.arch} gives {len(backbone.out_channels)} feature maps, "
-                         f"anchors.feature_sizes has {len(spec.feature_sizes)}")
     model = SSD(backbone, backbone.out_channels, spec.boxes_per_location(), cfg.model.num_classes,
                 default_boxes_cxcywh(spec),
                 head=build_head(cfg, backbone.out_channels, spec.boxes_per_location()))
