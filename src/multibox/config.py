@@ -60,7 +60,7 @@ class ModelConfig:
 @dataclass
 class AnchorConfig:
     # Feature map sizes, one per level: f or [f_h, f_w]. null: the network's at model.image_size (a pass on the
-    # meta device, multibox.models.feature_sizes); given, they must equal those.
+    # meta device, multibox.models.resolve_feature_sizes); given ones that differ are replaced (logged).
     feature_sizes: list[int | list[int]] | None = None
     # Centres at (j + 0.5) / f_k with f_k = image_size / step (the paper's SSD300); null, or a non-square input:
     # f_k = the feature size on each axis. Dropped with feature_sizes written for another input size.

@@ -247,6 +247,16 @@ def test_feature_sizes_for_another_input_are_replaced(caplog):
     assert square.anchors.feature_sizes == [52, 26, 13, 7, 5, 3] and square.anchors.steps is None
     native = resolve_feature_sizes(load_config("ssd300-vgg16"))
     assert native.anchors.steps == [8, 16, 32, 64, 100, 300]
+    # sizes given that equal the network's keep the steps written with them (a checkpoint's boxes stay its own)
+    stated = resolve_feature_sizes(load_config("tiny", ["model.image_size=320",
+                                                        "anchors.feature_sizes=[40, 20, 10, 5, 3, 1]"]))
+    assert stated.anchors.steps == [8, 16, 32, 64, 100, 300]
+    # the zoo's explicit boxes, written for 300x300, keep their shape in pixels at 320x544
+    zoo = load_config("ssd300-vgg16-zoo")
+    moved = resolve_feature_sizes(load_config("ssd300-vgg16-zoo", ["model.image_size=[320, 544]"]))
+    assert moved.anchors.sizes[1:] == zoo.anchors.sizes[1:] == [None] * 5      # those come from the scale rule
+    for (w, h), (w0, h0) in zip(moved.anchors.sizes[0], zoo.anchors.sizes[0]):
+        assert w * 544 == pytest.approx(w0 * 320) and h * 320 == pytest.approx(h0 * 320)
 
 
 def test_image_size_too_small_for_the_network_is_a_config_error():

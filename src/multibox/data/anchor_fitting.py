@@ -90,7 +90,8 @@ def fit_anchors(cfg: Config, table: ObjectTable, mode: bool | str | None = None,
                 fine_tuning: bool = False) -> AnchorFit:
     """Decide per ``mode`` (default ``cfg.anchors.fit``) and fit ``cfg``'s default boxes to ``table``'s objects
     (at most :data:`MAX_FIT_OBJECTS` of them, drawn with ``train.seed``). ``fine_tuning``: the run starts from a
-    detector's weights (``auto`` keeps its boxes). ``cfg`` is not changed."""
+    detector's weights (``auto`` keeps its boxes). ``cfg``'s boxes are not changed (its feature sizes are resolved:
+    :func:`multibox.models.resolve_feature_sizes`)."""
     mode = cfg.anchors.fit if mode is None else mode
     spec = model_anchor_spec(cfg)
     grid = ShapeGrid.of(spec)
@@ -122,7 +123,8 @@ def _layout(spec: AnchorSpec, per_location: int) -> list[list[list[float]]]:
     larger each round when more."""
     layout = []
     for k in range(len(spec.feature_sizes)):
-        shapes = sorted(spec.location_sizes(k), key=lambda wh: wh[0] * wh[1])
+        # by area, rounded (a box and its ratio pairs have one area up to float noise), the squarest first
+        shapes = sorted(spec.location_sizes(k), key=lambda wh: (round(wh[0] * wh[1], 9), max(wh) / min(wh)))
         m = len(shapes)
         if per_location <= m:
             picked = [shapes[round(i * (m - 1) / max(per_location - 1, 1))] for i in range(per_location)]

@@ -59,25 +59,37 @@ def network_feature_sizes(cfg: Config) -> list[tuple[int, int]]:
 
 def resolve_feature_sizes(cfg: Config) -> Config:
     """Set ``anchors.feature_sizes`` to the network's at ``model.image_size`` (f where the map is square, else
-    [f_h, f_w]) and return ``cfg``. Given sizes that differ were written for another input size (a preset's, with
-    ``model.image_size`` changed): the network's replace them, since others cannot run, and ``anchors.steps``,
-    written for that size too, are dropped (centres on the feature grid), both logged."""
+    [f_h, f_w]) and return ``cfg``. Sizes the config gives that equal the network's are kept with its ``steps``.
+    Sizes that differ were written for another input size (a preset's, with ``model.image_size`` changed): the
+    network's replace them, since others cannot run, and what was written for that size goes with them (logged):
+    ``anchors.steps`` (centres on the feature grid instead) and, from a square input to a non-square one, explicit
+    ``anchors.sizes`` become fractions of the shorter side (the boxes keep their shape in pixels)."""
     network = network_feature_sizes(cfg)
     if len(cfg.anchors.aspect_ratios) != len(network):
         raise ConfigError(f"{cfg.model.arch} gives {len(network)} feature maps, anchors.aspect_ratios has "
                           f"{len(cfg.anchors.aspect_ratios)} levels")
     given, steps = cfg.anchors.feature_sizes, cfg.anchors.steps
-    if given is not None and [as_hw(f) for f in given] == network and _steps_fit(steps, cfg, network):
+    if given is not None and [as_hw(f) for f in given] == network:
         return cfg
-    resolved = [h if h == w else [h, w] for h, w in network]
-    cfg.anchors.feature_sizes = resolved
-    if given is not None and [as_hw(f) for f in given] != network or not _steps_fit(steps, cfg, network):
-        cfg.anchors.steps = None
-        logging.getLogger(__name__).info(
-            "anchors.feature_sizes: %s's maps at %s are %s (the config's %s and steps %s are for another input "
-            "size: centres on the feature grid)", cfg.model.arch, "x".join(map(str, as_hw(cfg.model.image_size))),
-            resolved, given, steps)
+    cfg.anchors.feature_sizes = [h if h == w else [h, w] for h, w in network]
+    if given is None and _steps_fit(steps, cfg, network):
+        return cfg
+    cfg.anchors.steps = None
+    if given is not None and all(isinstance(f, int) for f in given) and cfg.anchors.sizes is not None:
+        cfg.anchors.sizes = _square_sizes_on(cfg.anchors.sizes, as_hw(cfg.model.image_size))
+    logging.getLogger(__name__).info(
+        "anchors.feature_sizes: %s's maps at %s are %s (the config's %s and steps %s are for another input size: "
+        "centres on the feature grid)", cfg.model.arch, "x".join(map(str, as_hw(cfg.model.image_size))),
+        cfg.anchors.feature_sizes, given, steps)
     return cfg
+
+
+def _square_sizes_on(sizes: list, input_hw: tuple[int, int]) -> list:
+    """Explicit (w, h) boxes written in units of a square input, in units of each axis of ``input_hw``."""
+    height, width = input_hw
+    short = min(height, width)
+    return [None if level is None else [[w * short / width, h * short / height] for w, h in level]
+            for level in sizes]
 
 
 def _steps_fit(steps: list[float] | None, cfg: Config, network: list[tuple[int, int]]) -> bool:
