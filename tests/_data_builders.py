@@ -193,10 +193,12 @@ def random_boxes_xyxy(width: int, height: int, n: int, g: torch.Generator) -> to
     return torch.stack([x1, y1, x2, y2], 1).float()
 
 
-def mask_extent(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """The xyxy bounding box of a (size, size) boolean mask, in [0, 1] units."""
+def mask_extent(mask: torch.Tensor) -> torch.Tensor:
+    """The xyxy bounding box of an (H, W) boolean mask, in [0, 1] units of each axis."""
     ys, xs = torch.nonzero(mask, as_tuple=True)
-    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) / size
+    h, w = mask.shape
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32) / \
+        torch.tensor([w, h, w, h], dtype=torch.float32)
 
 
 class FailingFile:

@@ -110,7 +110,7 @@ def test_box_masks_and_fill_stay_consistent(resize):
                 rect = torch.stack([1 - rect[2], rect[1], 1 - rect[0], rect[3]])
             # hard paste: no blur into the fill (bilinear weights sum to 1 only up to float rounding)
             assert ((white[i] == 0) | ((white[i] - 255).abs() < 1e-3)).all()
-            torch.testing.assert_close(mask_extent(white[i, 0] > 254, S), rect, atol=1.0 / S + 1e-6, rtol=0)
+            torch.testing.assert_close(mask_extent(white[i, 0] > 254), rect, atol=1.0 / S + 1e-6, rtol=0)
         masks = []
         for (h, w), t in zip(SIZES, targets):
             stack = []
@@ -126,7 +126,7 @@ def test_box_masks_and_fill_stay_consistent(resize):
                 if k + 1 not in labels:
                     continue
                 box = t_out["boxes"][labels.index(k + 1)]
-                assert (mask_extent(warped[i, 0] > 127.5, S) - box).abs().max() <= 2.0 / S, (params[i], box * S)
+                assert (mask_extent(warped[i, 0] > 127.5) - box).abs().max() <= 2.0 / S, (params[i], box * S)
                 checked += 1
     assert checked >= 30 and zoomed >= 6
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from _data_builders import random_boxes_xyxy, scene_uint8
+from _data_builders import mask_extent, random_boxes_xyxy, scene_uint8
 from multibox.config import IMAGENET_MEAN_255, IMAGENET_STD_255, load_config
 from multibox.core.resize import boxes_to_image_xyxy
 from multibox.data.gpu_transforms import BatchAugment
@@ -40,13 +40,6 @@ def _normalise(x_uint8: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD_255, dtype=torch.float32).view(3, 1, 1)
     return (x_uint8.float() - mean) / std
-
-
-def _extent(mask: torch.Tensor) -> torch.Tensor:
-    """xyxy extent of an (H, W) bool mask in [0, 1] units of each axis."""
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    h, w = mask.shape
-    return torch.tensor([xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h], dtype=torch.float32)
 
 
 def _hand_letterbox(height: int, width: int, big_h: int, big_w: int) -> tuple[int, int, int, int]:
@@ -148,7 +141,7 @@ def test_train_letterbox_no_crop_places_the_image_and_its_boxes(hw):
         drawn = image.clone()
         drawn[:, box[1]:box[3], box[0]:box[2]] = 255
         m, _ = tr(drawn, _target(boxes))
-        assert (_extent(m[0] > 177.5) - out_box).abs().max() <= 1.0 / min(HW), (box, out_box)
+        assert (mask_extent(m[0] > 177.5) - out_box).abs().max() <= 1.0 / min(HW), (box, out_box)
 
 
 @pytest.mark.parametrize("hw", [(320, 544), (300, 300), (400, 240)])
@@ -178,7 +171,7 @@ def test_train_letterbox_with_crop_zoom_and_flip_keeps_boxes_on_their_pixels(hw)
             mask = torch.zeros(3, height, width, dtype=torch.uint8)
             mask[:, bx[1]:bx[3], bx[0]:bx[2]] = 255
             m, _ = tr.apply(mask, target, params)
-            assert (_extent(m[0] > 127.5) - box).abs().max() <= 2.0 / min(hw), (params, box)
+            assert (mask_extent(m[0] > 127.5) - box).abs().max() <= 2.0 / min(hw), (params, box)
             checked += 1
     assert checked >= 12 and flipped >= 2
 

@@ -147,7 +147,7 @@ def test_boxes_image_and_fill_stay_consistent(resize):
         # (0 once normalised), with no blur between them.
         assert ((white == 0) | (white == 255)).all()
         source = white[0] == 255
-        torch.testing.assert_close(mask_extent(source, S), _source_rect_in_output(params, width, height),
+        torch.testing.assert_close(mask_extent(source), _source_rect_in_output(params, width, height),
                                    atol=1.0 / S + 1e-6, rtol=0)
 
         for box, label in zip(out["boxes"], out["labels"]):
@@ -155,7 +155,7 @@ def test_boxes_image_and_fill_stay_consistent(resize):
             mask = torch.zeros(3, height, width, dtype=torch.uint8)
             mask[:, bx[1]:bx[3], bx[0]:bx[2]] = 255
             m, _ = tr.apply(mask, target, geometry_only)
-            assert (mask_extent(m[0] > 127.5, S) - box).abs().max() <= 2.0 / S, (params, box * S)
+            assert (mask_extent(m[0] > 127.5) - box).abs().max() <= 2.0 / S, (params, box * S)
             checked += 1
     assert checked >= 20 and zoomed >= 8
 

@@ -240,7 +240,6 @@ class BatchAugment:
 
     def __init__(self, transform: TrainTransform, max_prefilter: int = 4, pad_multiple: int = 8):
         self.transform = transform
-        self.size = transform.size
         self.input_hw = transform.input_hw
         self.max_prefilter = int(max_prefilter)
         self.pad_multiple = int(pad_multiple)

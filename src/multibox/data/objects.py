@@ -3,9 +3,9 @@
 Default-box analysis and fitting (:mod:`multibox.core.anchor_fit`) need every trained box in network units:
 the boxes training keeps (:func:`~multibox.data.coco.trained_rows`: crowd left out, degenerate boxes dropped,
 the rest clipped), mapped onto the model's input as ``data.resize`` maps the image: divided by the image size
-when it is stretched, by the :func:`~multibox.core.resize.placement` when it is letterboxed. Images whose annotation gives no size (MindRecord files without their instances JSON)
-are left out: reading each one's header would make one pass over the data per image on sources that only read
-in order.
+when it is stretched, by the :func:`~multibox.core.resize.placement` when it is letterboxed. Images whose
+annotation gives no size (MindRecord files without their instances JSON) are left out: reading each one's header
+would make one pass over the data per image on sources that only read in order.
 """
 from __future__ import annotations
 
@@ -77,9 +77,11 @@ def object_table(dataset: DetectionDataset, indices: list[int] | None = None,
                                           dataset.keep_crowd)
         if not len(xyxy):
             continue
-        scale, offset = pixels_to_input((record.height, record.width), letterbox_hw or (1, 1), letterbox_hw is not None)
+        scale, offset = pixels_to_input((record.height, record.width), letterbox_hw or (1, 1),
+                                        letterbox_hw is not None)
         areas = np.where(record.areas[keep] > 0, record.areas[keep], np.prod(record.bbox_ltwh[keep, 2:], axis=1))
-        rows.append((xyxy_to_cxcywh(xyxy * scale.numpy() + offset.numpy()), xyxy_to_ltwh(xyxy), np.full(len(xyxy), index),
+        network_xyxy = xyxy * scale.numpy() + offset.numpy()
+        rows.append((xyxy_to_cxcywh(network_xyxy), xyxy_to_ltwh(xyxy), np.full(len(xyxy), index),
                      record.ann_ids[keep], labels, areas))
         files[index] = dataset.describe(index)
     if unsized:
