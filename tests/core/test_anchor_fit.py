@@ -10,8 +10,8 @@ import torch
 from torchvision.ops import box_iou
 
 from multibox.config import load_config
-from multibox.core.anchor_fit import (ShapeGrid, best_iou_per_shape, fit_shapes, kmeans_iou_wh, local_search,
-                                      score_shapes, search_value)
+from multibox.core.anchor_fit import (ShapeGrid, best_iou_per_shape, fit_shapes, kmeans_iou_wh, kmeans_shapes,
+                                      local_search, score_shapes, search_value, shape_groups)
 from multibox.core.anchors import anchor_spec, default_boxes_cxcywh
 from multibox.core.boxes import cxcywh_to_xyxy
 from multibox.models import model_anchor_spec
@@ -111,3 +111,44 @@ def test_one_shape_grid():
     gt = torch.tensor([[0.375, 0.625, 0.25, 0.25]], dtype=torch.float64).repeat(10, 1)   # on a centre
     grown = local_search(gt, ShapeGrid.of(spec), 0.5, strict=False)
     assert score_shapes(gt, grown, 0.5, strict=False).recall == 1.0   # 0.1 grew towards 0.25
+
+
+def test_shape_groups_by_hand():
+    # sqrt(w h) = 0.1 -> octave floor(log2 0.1) = -4; 0.3 -> -2; ratios 1/8, 1, 8 -> tall, compact, wide
+    gt = torch.tensor([[0.5, 0.5, 0.1, 0.1], [0.5, 0.5, 0.1 / 8 ** 0.5, 0.1 * 8 ** 0.5],
+                       [0.5, 0.5, 0.3 * 8 ** 0.5, 0.3 / 8 ** 0.5], [0.5, 0.5, 0.15, 0.1]], dtype=torch.float64)
+    octave = torch.tensor([-4, -4, -2, -4]) + 11
+    torch.testing.assert_close(shape_groups(gt), octave * 3 + torch.tensor([1, 0, 2, 1]))
+
+
+def _best_per_group(gt, grid):
+    best = best_iou_per_shape(gt, grid).max(dim=1).values
+    groups = shape_groups(gt)
+    return {int(g): float(best[groups == g].mean()) for g in groups.unique() if (groups == g).sum() >= 0.01 * len(gt)}
+
+
+def test_fitting_for_many_long_thin_objects_keeps_the_few_small_compact_ones_matched():
+    # Set C of the README: 1:4 to 1:12 shapes either way, and 4% compact objects of 8-14 px at 300x300.
+    # The search value alone gives the tiny preset's smallest boxes to the long thin objects.
+    grid = ShapeGrid.of(anchor_spec(load_config("tiny").anchors, 300))
+    g = torch.Generator().manual_seed(7)
+    n = 3000
+    long_side = torch.empty(n, dtype=torch.float64).uniform_(math.log(0.08), math.log(0.8), generator=g).exp()
+    ratio = torch.empty(n, dtype=torch.float64).uniform_(math.log(4), math.log(12), generator=g).exp()
+    wide = torch.rand(n, generator=g) < 0.5
+    wh = torch.stack((long_side, long_side / ratio), 1)
+    wh[wide] = wh[wide].flip(1)
+    small = torch.empty(120, 1, dtype=torch.float64).uniform_(8 / 300, 14 / 300, generator=g).repeat(1, 2)
+    gt = torch.cat((torch.rand(n + 120, 2, generator=g, dtype=torch.float64), torch.cat((wh, small))), 1)
+    compact_small = int(shape_groups(gt[-1:])[0])
+    stock = _best_per_group(gt, grid)
+
+    unguarded = local_search(gt, max((grid, kmeans_shapes(gt, grid)),
+                                     key=lambda s: search_value(gt, s, 0.5, strict=False)), 0.5, strict=False)
+    assert _best_per_group(gt, unguarded)[compact_small] < stock[compact_small] - 0.1   # what the floor prevents
+
+    fitted = fit_shapes(gt, grid, 0.5, strict=False)
+    after = _best_per_group(gt, fitted)
+    assert all(after[k] >= stock[k] - 0.02 - 1e-6 for k in stock)
+    assert score_shapes(gt[:n], fitted, 0.5, strict=False).mean_iou > \
+        score_shapes(gt[:n], grid, 0.5, strict=False).mean_iou + 0.05

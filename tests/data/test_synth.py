@@ -246,3 +246,20 @@ def test_the_variety_options_give_other_data(tmp_path):
 def test_impossible_variety_is_refused(tmp_path, options):
     with pytest.raises(ValueError):
         generate_synthetic_coco(tmp_path / "x", num_images=2, **options)
+
+
+def test_mirror_aspect_gives_tall_and_wide_shapes_and_none_between(tmp_path):
+    from multibox.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--num-images", "12", "--seed", "3", "--classes", "4",
+                 "--objects", "4-6", "--sizes", "0.3-0.6", "--small-fraction", "0", "--aspect", "4-8",
+                 "--mirror-aspect"]) == 0
+    data = json.loads((tmp_path / "annotations.json").read_text())
+    shape_of = {c["id"]: c["name"] for c in data["categories"]}
+    # Triangles and stars keep their own shape; the others are 4:1 to 8:1 either way (boxes rounded to pixels).
+    ratios = [w / h for _, _, w, h in (a["bbox"] for a in data["annotations"]
+                                       if shape_of[a["category_id"]] not in ("triangle", "star"))]
+    assert len(ratios) >= 10
+    assert all(r >= 3.5 or r <= 1 / 3.5 for r in ratios)
+    assert sum(r > 1 for r in ratios) >= 3 and sum(r < 1 for r in ratios) >= 3
+    assert json.loads((tmp_path / "synth_manifest.json").read_text())["params"]["mirror_aspect"] is True

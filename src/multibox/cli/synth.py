@@ -41,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="width/height of ellipses, rectangles, rings and crosses (default: 0.6-1.6)")
     p.add_argument("--log-aspect", action="store_true",
                    help="draw the aspect ratio log-uniformly in LO-HI: as many tall shapes as wide ones")
+    p.add_argument("--mirror-aspect", action="store_true",
+                   help="half the shapes take the reciprocal of their aspect ratio: --aspect 4-12 --mirror-aspect "
+                        "gives 4:1 to 12:1 and 1:4 to 1:12, none in between")
     p.add_argument("--side", type=_span(int), default=(256, 416), metavar="MIN-MAX",
                    help="image width and height in pixels, each drawn in MIN-MAX (default: 256-416)")
     p.add_argument("--image-aspect", type=_span(float), default=None, metavar="LO-HI",
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             small_fraction=args.small_fraction, aspect_range=args.aspect, log_aspect=args.log_aspect,
             min_side=args.side[0],
             max_side=args.side[1], clutter=args.clutter, empty_fraction=args.empty,
-            grain=args.noise, image_aspect=args.image_aspect)
+            grain=args.noise, image_aspect=args.image_aspect,
+            mirror_aspect=args.mirror_aspect)
     except ValueError as err:   # an impossible combination of options: one line, as for any bad input
         raise InputError(f"synth: {err}") from None
     print(f"wrote {path}")

@@ -104,12 +104,13 @@ def fit_anchors(cfg: Config, table: ObjectTable, mode: bool | str | None = None,
     if kept is not None:
         sizes = [[list(wh) for wh in spec.location_sizes(k)] for k in range(len(spec.feature_sizes))]
         return AnchorFit(False, kept, before, before, matchable, sizes)
+    reference = None
     if cfg.anchors.fit_boxes is not None:
         if fine_tuning:
             raise ConfigError("anchors.fit_boxes changes the box head, so it cannot fine-tune a detector's "
                               "(--weights): leave it unset")
-        grid = ShapeGrid.of(dataclasses.replace(spec, sizes=_layout(spec, cfg.anchors.fit_boxes)))
-    fitted = fit_shapes(boxes, grid, threshold, strict, seed=cfg.train.seed)
+        grid, reference = ShapeGrid.of(dataclasses.replace(spec, sizes=_layout(spec, cfg.anchors.fit_boxes))), grid
+    fitted = fit_shapes(boxes, grid, threshold, strict, seed=cfg.train.seed, reference=reference)
     after = score_shapes(boxes, fitted, threshold, strict)
     reason = "anchors.fit is true" if mode is True else (
         f"anchors.fit_boxes is {cfg.anchors.fit_boxes}" if cfg.anchors.fit_boxes is not None else

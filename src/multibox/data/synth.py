@@ -191,9 +191,18 @@ def _regular_polygon(num: int, angle: float, inner_ratio: float | None = None) -
     return np.stack([radii * np.cos(theta - math.pi / 2), radii * np.sin(theta - math.pi / 2)], axis=1)
 
 
+def _draw_aspect(rng: np.random.Generator, aspect_range: tuple[float, float], log_aspect: bool,
+                 mirror_aspect: bool) -> float:
+    """A shape's width / height (see :class:`Variety`)."""
+    aspect = math.exp(rng.uniform(*np.log(aspect_range))) if log_aspect else rng.uniform(*aspect_range)
+    if mirror_aspect and rng.random() < 0.5:   # drawn only when asked, so other sets stay byte-identical
+        aspect = 1.0 / aspect
+    return aspect
+
+
 def _render_shape(
     rng: np.random.Generator, kind: str, long_side: float, aspect_range: tuple[float, float] = _ASPECT_RANGE,
-    log_aspect: bool = False,
+    log_aspect: bool = False, mirror_aspect: bool = False,
 ) -> tuple[Image.Image, np.ndarray, tuple[float, float, float, float], float]:
     """Rasterise one shape on its own small canvas.
 
@@ -203,7 +212,7 @@ def _render_shape(
     the shape's area in pixels (exact count of supersampled pixels / ss^2).
     """
     ss = 4 if long_side < 100 else 2  # supersampling factor; big shapes need less
-    aspect = math.exp(rng.uniform(*np.log(aspect_range))) if log_aspect else rng.uniform(*aspect_range)  # w / h
+    aspect = _draw_aspect(rng, aspect_range, log_aspect, mirror_aspect)  # w / h
     if kind in ("triangle", "star", "hexagon", "diamond"):
         if kind == "triangle":
             verts = _regular_polygon(3, rng.uniform(0.0, 2.0 * math.pi / 3))
@@ -319,7 +328,24 @@ class _Canvas:
 
 
 class Variety(NamedTuple):
-    """What varies between images beyond the demo's defaults (see :func:`generate_synthetic_coco`)."""
+    """What varies between images beyond the demo's defaults (the arguments of :func:`generate_synthetic_coco`).
+
+    Fields:
+        min_objects, max_objects: objects per image are drawn from min_objects..max_objects (a few fewer when a
+            crowded image has no room left for a non-overlapping placement).
+        size_range: (lo, hi) of an object's long side as a fraction of the image's shorter side.
+        small_fraction: probability that an object is drawn from the small band [lo, 0.08]
+            (log-uniform there; otherwise log-uniform in [0.08, hi]).
+        aspect_range: width / height of ellipses, rectangles, rings and crosses.
+        log_aspect: draw that ratio log-uniformly (as many tall shapes as wide ones) instead of uniformly.
+        clutter: mean number of unannotated distractor shapes per image (Poisson).
+        empty_fraction: share of images drawn without objects (clutter only).
+        grain: range of the background's noise standard deviation (0..255 units).
+        image_aspect: (lo, hi) of width / height ((1.7, 1.8): 16:9 frames), the height from the width; None: both
+            sides drawn on their own.
+        mirror_aspect: half the shapes take the reciprocal of their drawn ratio, so ``aspect_range`` (4, 12)
+            gives 4:1 to 12:1 and 1:4 to 1:12 shapes, none in between.
+    """
 
     classes: tuple[ShapeClass, ...]
     min_objects: int = 1
@@ -331,7 +357,8 @@ class Variety(NamedTuple):
     clutter: float = 0.0
     empty_fraction: float = 0.0
     grain: tuple[float, float] = (2.0, 8.0)
-    image_aspect: tuple[float, float] | None = None   # image width / height; None: both sides drawn on their own
+    image_aspect: tuple[float, float] | None = None
+    mirror_aspect: bool = False
 
 
 def _try_shape(rng: np.random.Generator, canvas: _Canvas, variety: Variety) -> bool:
@@ -340,7 +367,8 @@ def _try_shape(rng: np.random.Generator, canvas: _Canvas, variety: Variety) -> b
     cls = int(rng.integers(0, len(variety.classes)))
     long_side = _sample_long_side(rng, min(width, height), variety.size_range, variety.small_fraction)
     mask, mask_u8, (bx0, by0, bx1, by1), area = _render_shape(rng, variety.classes[cls].shape, long_side,
-                                                               variety.aspect_range, variety.log_aspect)
+                                                               variety.aspect_range, variety.log_aspect,
+                                                               variety.mirror_aspect)
     ch, cw = mask_u8.shape
     if cw > width or ch > height:
         return False
@@ -365,7 +393,8 @@ def _draw_clutter(rng: np.random.Generator, image: Image.Image, variety: Variety
     for _ in range(int(rng.poisson(variety.clutter))):
         shape = _CLUTTER_SHAPES[int(rng.integers(0, len(_CLUTTER_SHAPES)))]
         long_side = _sample_long_side(rng, min(image.size), variety.size_range, variety.small_fraction)
-        mask, mask_u8, _, _ = _render_shape(rng, shape, long_side, variety.aspect_range, variety.log_aspect)
+        mask, mask_u8, _, _ = _render_shape(rng, shape, long_side, variety.aspect_range, variety.log_aspect,
+                                            variety.mirror_aspect)
         ch, cw = mask_u8.shape
         if cw <= image.width and ch <= image.height:
             px, py = int(rng.integers(0, image.width - cw + 1)), int(rng.integers(0, image.height - ch + 1))
@@ -411,7 +440,7 @@ def _params(num_images: int, seed: int, min_side: int, max_side: int, variety: V
         "jpeg_quality": int(jpeg_quality),
     }
     demo = Variety(tuple(synth_classes()))
-    for key in ("min_objects", "log_aspect", "clutter", "empty_fraction"):
+    for key in ("min_objects", "log_aspect", "clutter", "empty_fraction", "mirror_aspect"):
         if getattr(variety, key) != getattr(demo, key):
             params[key] = getattr(variety, key)
     if variety.image_aspect is not None:
@@ -526,6 +555,7 @@ def generate_synthetic_coco(
     empty_fraction: float = 0.0,
     grain: tuple[float, float] = (2.0, 8.0),
     image_aspect: tuple[float, float] | None = None,
+    mirror_aspect: bool = False,
     jpeg_quality: int = 90,
     skip_if_complete: bool = False,
     progress: Callable[[int, int], None] | None = None,
@@ -537,18 +567,8 @@ def generate_synthetic_coco(
         num_images: number of images (ids 1..num_images).
         seed: base seed; the same parameters give byte-identical files.
         min_side, max_side: image width and height are each drawn uniformly from [min_side, max_side].
-        max_objects, min_objects: objects per image are drawn from min_objects..max_objects (a few fewer when a
-            crowded image has no room left for a non-overlapping placement).
-        size_range: (lo, hi) of an object's long side as a fraction of the image's shorter side.
-        small_fraction: probability that an object is drawn from the small band [lo, 0.08]
-            (log-uniform there; otherwise log-uniform in [0.08, hi]).
         num_classes: 1..24 classes (:func:`synth_classes`; the demo's six by default).
-        aspect_range: width / height of ellipses, rectangles, rings and crosses.
-        log_aspect: draw that ratio log-uniformly (as many tall shapes as wide ones) instead of uniformly.
-        clutter: mean number of unannotated distractor shapes per image (Poisson).
-        empty_fraction: share of images drawn without objects (clutter only).
-        grain: range of the background's noise standard deviation (0..255 units).
-        image_aspect: (lo, hi) of width / height ((1.7, 1.8): 16:9 frames), the height from the width; None: free.
+        max_objects .. mirror_aspect: what varies between images, the fields of :class:`Variety`.
         jpeg_quality: JPEG quality (4:4:4 chroma, so small objects keep their colour).
         skip_if_complete: return at once when ``out_dir`` already holds a complete dataset made
             with the same parameters (see ``synth_manifest.json``).
@@ -556,7 +576,8 @@ def generate_synthetic_coco(
     """
     classes = synth_classes(num_classes)
     variety = Variety(tuple(classes), min_objects, max_objects, tuple(size_range), small_fraction, tuple(aspect_range),
-                      log_aspect, clutter, empty_fraction, tuple(grain), image_aspect and tuple(image_aspect))
+                      log_aspect, clutter, empty_fraction, tuple(grain), image_aspect and tuple(image_aspect),
+                      mirror_aspect)
     _check_params(num_images, min_side, max_side, variety)
     out_dir = Path(out_dir)
     params = _params(num_images, seed, min_side, max_side, variety, jpeg_quality)
