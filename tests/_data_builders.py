@@ -201,6 +201,21 @@ def mask_extent(mask: torch.Tensor) -> torch.Tensor:
         torch.tensor([w, h, w, h], dtype=torch.float32)
 
 
+def check_boxes_as_masks(transform, boxes_xyxy: torch.Tensor, target: dict, out: dict, params: dict,
+                         image_hw: tuple[int, int], tol: float) -> int:
+    """Draw each source box (``boxes_xyxy``, label k = row k - 1) as a white mask on an ``image_hw`` image and push
+    it through ``transform`` with ``params``: the mask's extent in the output must be the box ``out`` gives that
+    label, within ``tol`` in [0, 1] units. Returns how many boxes were checked."""
+    height, width = image_hw
+    for box, label in zip(out["boxes"], out["labels"]):
+        bx = boxes_xyxy[label - 1].int().tolist()
+        mask = torch.zeros(3, height, width, dtype=torch.uint8)
+        mask[:, bx[1]:bx[3], bx[0]:bx[2]] = 255
+        m, _ = transform.apply(mask, target, params)
+        assert (mask_extent(m[0] > 127.5) - box).abs().max() <= tol, (params, box)
+    return len(out["boxes"])
+
+
 class FailingFile:
     """A file that accepts ``limit`` bytes, then fails the way a full disk (or an interrupt) does."""
 

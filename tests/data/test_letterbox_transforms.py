@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from _data_builders import mask_extent, random_boxes_xyxy, scene_uint8
+from _data_builders import check_boxes_as_masks, mask_extent, random_boxes_xyxy, scene_uint8
 from multibox.config import IMAGENET_MEAN_255, IMAGENET_STD_255, load_config
 from multibox.core.resize import boxes_to_image_xyxy
 from multibox.data.gpu_transforms import BatchAugment
@@ -166,13 +166,7 @@ def test_train_letterbox_with_crop_zoom_and_flip_keeps_boxes_on_their_pixels(hw)
             outside = outside.flip(-1)
         assert (white[:, outside] == 0).all()
         flipped += params["flip"]
-        for box, label in zip(out["boxes"], out["labels"]):
-            bx = boxes[label - 1].int().tolist()
-            mask = torch.zeros(3, height, width, dtype=torch.uint8)
-            mask[:, bx[1]:bx[3], bx[0]:bx[2]] = 255
-            m, _ = tr.apply(mask, target, params)
-            assert (mask_extent(m[0] > 127.5) - box).abs().max() <= 2.0 / min(hw), (params, box)
-            checked += 1
+        checked += check_boxes_as_masks(tr, boxes, target, out, params, (height, width), 2.0 / min(hw))
     assert checked >= 12 and flipped >= 2
 
 

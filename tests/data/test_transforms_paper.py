@@ -18,7 +18,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from _data_builders import mask_extent, random_boxes_xyxy
+from _data_builders import check_boxes_as_masks, mask_extent, random_boxes_xyxy
 from multibox.config import load_config
 from multibox.data.transforms import (
     PAPER_MIN_IOUS,
@@ -150,13 +150,7 @@ def test_boxes_image_and_fill_stay_consistent(resize):
         torch.testing.assert_close(mask_extent(source), _source_rect_in_output(params, width, height),
                                    atol=1.0 / S + 1e-6, rtol=0)
 
-        for box, label in zip(out["boxes"], out["labels"]):
-            bx = boxes[label - 1].int().tolist()
-            mask = torch.zeros(3, height, width, dtype=torch.uint8)
-            mask[:, bx[1]:bx[3], bx[0]:bx[2]] = 255
-            m, _ = tr.apply(mask, target, geometry_only)
-            assert (mask_extent(m[0] > 127.5) - box).abs().max() <= 2.0 / S, (params, box * S)
-            checked += 1
+        checked += check_boxes_as_masks(tr, boxes, target, out, geometry_only, (height, width), 2.0 / S)
     assert checked >= 20 and zoomed >= 8
 
 

@@ -237,9 +237,9 @@ def _staged_torch(detector) -> Callable[[list[str]], dict[str, float]]:
 
 
 def _staged_onnx(detector) -> Callable[[list[str]], dict[str, float]]:
-    """:func:`_staged` of an OnnxDetector, preprocessed by ``resize_batch`` at its (H, W), resize and letterbox
-    fill, and mapped back to the image's pixels, as its predict is."""
-    from multibox.inference.onnx import resize_batch, split_fixed_outputs
+    """:func:`_staged` of an OnnxDetector, preprocessed by its ``preprocess`` and mapped back to the image's
+    pixels, as its predict is."""
+    from multibox.inference.onnx import split_fixed_outputs
 
     def postprocess(outputs, sizes):
         if detector.has_postprocess:
@@ -247,8 +247,7 @@ def _staged_onnx(detector) -> Callable[[list[str]], dict[str, float]]:
         else:
             detector.postprocess(*(torch.from_numpy(o) for o in outputs), sizes)
 
-    return _staged(lambda images: resize_batch(images, detector.image_hw, detector.resize, detector.letterbox_fill),
-                   detector.run, postprocess)
+    return _staged(detector.preprocess, detector.run, postprocess)
 
 
 def _torch_candidate(name: str, subject: Subject) -> Candidate:

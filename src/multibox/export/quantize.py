@@ -459,14 +459,11 @@ def _calibration_data(cfg: Any, calib_data: str, calib_images: int, val_data: st
 
 def calibration_batches(images: Sequence[torch.Tensor], detector: Any, batch_size: int = 1) -> list[np.ndarray]:
     """Decoded uint8 images -> the graph inputs of ``detector`` (an OnnxDetector): (B, 3, H, W) arrays of its
-    input dtype, resized by :func:`~multibox.inference.onnx.resize_for_model` with its input size, resize and
-    letterbox fill (what its ``predict`` feeds the graph)."""
-    from multibox.inference.onnx import resize_for_model
-
+    input dtype, resized by its :meth:`~multibox.inference.onnx.OnnxDetector.preprocess` (what its ``predict``
+    feeds the graph)."""
     batches = []
     for start in range(0, len(images), batch_size):
-        stacked = torch.stack([resize_for_model(im, detector.image_hw, detector.resize, detector.letterbox_fill)
-                               for im in images[start:start + batch_size]])
+        stacked = detector.preprocess(images[start:start + batch_size])
         if detector.input_dtype == np.uint8 and stacked.dtype != torch.uint8:
             stacked = stacked.round().clamp(0, 255).to(torch.uint8)
         batches.append(stacked.numpy().astype(detector.input_dtype, copy=False))
