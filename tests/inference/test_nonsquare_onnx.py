@@ -208,10 +208,12 @@ def test_graph_input_and_metadata_say_h_w(models):
 
 
 def test_tiled_onnx_equals_tiled_torch(models):
-    """Square tiles of a wide image through a non-square model: each tile is resized and mapped back by the
-    detector's own predict, so ONNX and torch tile alike."""
+    """Tiles of a wide image through a non-square model: each tile has the input's shape (165 x 256 px for 288 x
+    448) and is resized and mapped back by the detector's own predict, so ONNX and torch tile alike."""
     image = wide_image()
     onnx_detector = OnnxDetector(models["exports"]["nms"], runtime="onnxruntime", threads=1, spin=False)
+    tiles_hw = [TiledDetector(detector, tile=256).tile_hw for detector in (models["torch"], onnx_detector)]
+    assert tiles_hw == [(165, 256), (165, 256)]
     score = threshold_in_gap(TiledDetector(models["torch"], tile=256), image)
     expected = TiledDetector(models["torch"], tile=256).predict(image, score)[0]
     assert len(expected["scores"]) >= 4

@@ -23,7 +23,7 @@ from multibox.cli import main
 from multibox.errors import InputError
 from multibox.inference.detector import as_uint8_chw, load
 from multibox.inference.predict import run_predict
-from multibox.inference.tiling import TiledDetector, tile_windows_xyxy
+from multibox.inference.tiling import TiledDetector, tile_hw, tile_windows_xyxy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,17 +54,21 @@ class BlobDetector:
     """Class 1 = red channel high, class 2 = green channel high (a yellow square is both). Score = 0.5 + the blob's
     full-resolution width / 100: bigger squares score higher. Records the number of images of each call."""
 
-    def __init__(self, nms_threshold: float = 0.5, max_per_image: int | None = None):
+    def __init__(self, nms_threshold: float = 0.5, max_per_image: int | None = None, image_size=None):
         self.cfg = SimpleNamespace(eval=SimpleNamespace(nms_threshold=nms_threshold, max_per_image=max_per_image))
+        if image_size is not None:   # the model's input; without it the tiles are square
+            self.cfg.model = SimpleNamespace(image_size=image_size)
         self.class_names = ["background", "red", "green"]
         self.category_ids = [1, 2]
         self.score_threshold = 0.1
         self.label_to_category_id = {1: 1, 2: 2}
         self.calls: list[int] = []
+        self.shapes: list[tuple[int, int]] = []
 
     def predict(self, images, score=None, *, batch_size=16, max_det=None):
         images = [images] if isinstance(images, torch.Tensor) and images.ndim == 3 else list(images)
         self.calls.append(len(images))
+        self.shapes += [tuple(image.shape[-2:]) for image in images]
         return [self._detect(as_uint8_chw(image)) for image in images]
 
     def _detect(self, image: torch.Tensor) -> dict:
@@ -155,6 +159,31 @@ def test_tile_grid_covers_every_pixel_once_per_window(height, width, tile, overl
     assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
 
 
+@pytest.mark.parametrize("tile, input_hw, expected", [
+    (640, None, (640, 640)), (640, (300, 300), (640, 640)),
+    (640, (320, 544), (376, 640)),       # 640 * 320 / 544 = 376.5
+    (640, (544, 320), (640, 376)),       # tall
+    (40, (100, 1000), (32, 40)),         # never below MIN_TILE
+])
+def test_tiles_take_the_shape_of_the_models_input(tile, input_hw, expected):
+    assert tile_hw(tile, input_hw) == expected
+
+
+def test_tile_grid_of_wide_tiles_by_hand():
+    # 376x640 tiles, overlap 0.2: strides 300 down and 512 across, the last row and column at the edges
+    windows = tile_windows_xyxy(1080, 1920, (376, 640), 0.2)
+    assert windows == [(x, y, x + 640, y + 376) for y in (0, 300, 600, 704) for x in (0, 512, 1024, 1280)]
+
+
+def test_a_wide_model_is_given_wide_tiles(big_scene):
+    image, small_truth, big_truth = big_scene
+    detector = BlobDetector(image_size=[320, 544])
+    tiled = TiledDetector(detector, tile=640, overlap=0.2).predict(image)[0]
+    assert detector.shapes == [(1080, 1920)] + [(376, 640)] * 16        # the whole image, then 4 x 4 tiles
+    assert matched(tiled["boxes"], small_truth) == 20 and matched(tiled["boxes"], big_truth) == 1
+    assert len(tiled["boxes"]) == 21
+
+
 @pytest.mark.parametrize("tile, overlap", [(16, 0.2), (0, 0.2), (-640, 0.2), (640.0, 0.2), (True, 0.2),
                                            (640, -0.1), (640, 1.0), (640, 1.5)])
 def test_bad_tile_or_overlap_is_an_input_error(tile, overlap):
@@ -239,6 +268,11 @@ def test_attributes_are_the_detectors_and_tiles_are_logged_once(big_scene, caplo
         tiled.predict(big_scene[0])
     lines = [r.getMessage() for r in caplog.records if r.name == "multibox.inference.tiling"]
     assert lines == ["1920x1080 images: the whole image and 8 tiles of 640 px (overlap 0.2)"]
+    wide = TiledDetector(BlobDetector(image_size=[320, 544]), tile=640, overlap=0.2)
+    with caplog.at_level(logging.INFO, logger="multibox.inference.tiling"):
+        wide.predict(big_scene[0])
+    assert caplog.records[-1].getMessage() == \
+        "1920x1080 images: the whole image and 16 tiles of 640x376 px (overlap 0.2)"
 
 
 # ---- the real models: run_predict, the CLI, ONNX, a video --------------------------------------------------

@@ -45,9 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="threads of an ONNX model's runtime (0 = its default: one per physical core)")
     p.add_argument("--tile", type=int, metavar="PX",
-                   help="also predict each image and frame in overlapping PX x PX tiles (at least 32) and merge the "
-                        "boxes with the whole image's (class-wise NMS): small objects in large images "
-                        "(default: off)")
+                   help="also predict each image and frame in overlapping tiles, PX along the longer side of the "
+                        "model's input (at least 32; PX x PX for a square model), and merge the boxes with the "
+                        "whole image's (class-wise NMS): small objects in large images (default: off)")
     p.add_argument("--tile-overlap", type=float, default=0.2, metavar="FRACTION",
                    help="the fraction of a tile shared with the next, in [0, 1) (default: %(default)s)")
     add_inference_arguments(p)

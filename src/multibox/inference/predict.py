@@ -26,8 +26,8 @@ cap an image may keep fewer). ``--score`` defaults to :data:`DISPLAY_SCORE`, or 
 ``eval.score_threshold`` where that is higher: the evaluation threshold is low, right for mAP, and would draw some
 hundred boxes per picture.
 
-``tile`` (``--tile``): each image and frame is also predicted in overlapping tiles of that many pixels and the
-detections merged (:class:`multibox.inference.tiling.TiledDetector`), for small objects in large images.
+``tile`` (``--tile``): each image and frame is also predicted in overlapping tiles of the model input's shape,
+that many pixels along its longer side, and the detections merged (:class:`multibox.inference.tiling.TiledDetector`), for small objects in large images.
 """
 from __future__ import annotations
 

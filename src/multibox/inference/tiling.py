@@ -4,7 +4,7 @@
 An SSD sees its input resized to ``model.image_size`` (300 x 300 px for the VGG16 presets; S x S or H x W,
 stretched or letterboxed as ``data.resize`` says): in a 1920x1080 photo a 20 px object shrinks to 3x6 px at 300 x
 300, below anything its anchors match. :class:`TiledDetector` also runs the detector on overlapping ``tile`` x
-``tile`` crops, where the same object keeps about half its size, and merges:
+``tile`` crops (square for a square model), where the same object keeps about half its size, and merges:
 
 1. the whole image, always (large objects, which tiles cut, are found there);
 2. tiles on a grid of stride ``tile * (1 - overlap)``, the last row and column aligned to the image's bottom and
@@ -13,9 +13,10 @@ stretched or letterboxed as ``data.resize`` says): in a 1920x1080 photo a 20 px 
    the whole image's, class-wise NMS (``torchvision.ops.batched_nms``) at the model's own ``eval.nms_threshold``,
    then the best ``max_det`` by score.
 
-The tiles are square whatever the model's input: each crop goes through the detector's own ``predict``, which
-resizes it as any image (a non-square model stretches or letterboxes it, as ``data.resize`` says) and maps its
-boxes back to the crop's pixels.
+The tiles have the shape of the model's input (:func:`tile_hw`): ``tile`` px along its longer side, the other
+side in proportion (at 320x544, ``tile=640`` cuts 376x640 crops), so a crop is resized without stretching or
+letterbox padding. Each crop goes through the detector's own ``predict``, which resizes it as any image and maps
+its boxes back to the crop's pixels.
 
 Boxes at inner tile borders: a box of a tile whose edge lies within ``border_margin`` px of a border that another
 tile overlaps (not the image's own border) is most likely an object that the border cuts, its box cut with it (the
@@ -36,10 +37,11 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from multibox.core.resize import as_hw
 from multibox.errors import InputError
 from multibox.inference.detector import ImageLike, check_limits, image_batches
 
-__all__ = ["MIN_TILE", "TiledDetector", "check_tiling", "tile_windows_xyxy"]
+__all__ = ["MIN_TILE", "TiledDetector", "check_tiling", "tile_hw", "tile_windows_xyxy"]
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +66,35 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
     return list(range(0, length - tile, stride)) + [length - tile]
 
 
-def tile_windows_xyxy(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
+def tile_hw(tile: int, input_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """The (height, width) of the tiles for a model whose input is ``input_hw`` (None: square): ``tile`` px along the
+    input's longer side, the shorter side in the input's proportion (rounded, at least :data:`MIN_TILE`)."""
+    check_tiling(tile, 0.0)
+    if input_hw is None:
+        return tile, tile
+    height, width = input_hw
+    short = max(MIN_TILE, round(tile * min(height, width) / max(height, width)))
+    return (tile, short) if height > width else (short, tile)
+
+
+def tile_windows_xyxy(height: int, width: int, tile: int | tuple[int, int],
+                      overlap: float) -> list[tuple[int, int, int, int]]:
     """The tiles of an (H, W) image as (x0, y0, x1, y1) pixel windows (x1, y1 exclusive), row by row: ``tile`` px
-    square, clipped to the image where it is smaller, stride ``tile * (1 - overlap)`` (at least 1 px) and the last
-    row and column aligned to the bottom and right edges, so every pixel is in some tile. One window (the whole
-    image) when the image is no larger than a tile."""
-    check_tiling(tile, overlap)
-    stride = max(1, int(tile * (1 - overlap)))
-    return [(x0, y0, min(x0 + tile, width), min(y0 + tile, height))
-            for y0 in _starts(height, tile, stride) for x0 in _starts(width, tile, stride)]
+    square, or (tile_h, tile_w) px, clipped to the image where it is smaller, strides ``(1 - overlap)`` of the tile
+    on each axis (at least 1 px) and the last row and column aligned to the bottom and right edges, so every pixel
+    is in some tile. One window (the whole image) when the image is no larger than a tile."""
+    tile_h, tile_w = (tile, tile) if isinstance(tile, numbers.Integral) else tile
+    for side in (tile_h, tile_w):
+        check_tiling(side, overlap)
+    stride_h, stride_w = (max(1, int(side * (1 - overlap))) for side in (tile_h, tile_w))
+    return [(x0, y0, min(x0 + tile_w, width), min(y0 + tile_h, height))
+            for y0 in _starts(height, tile_h, stride_h) for x0 in _starts(width, tile_w, stride_w)]
+
+
+def _input_hw(detector) -> tuple[int, int] | None:
+    """The detector's network input (H, W) from its ``cfg.model.image_size``; None where it has none."""
+    size = getattr(getattr(detector.cfg, "model", None), "image_size", None)
+    return None if size is None else as_hw(size)
 
 
 class TiledDetector:
@@ -83,13 +105,15 @@ class TiledDetector:
 
     Args:
         detector: the detector run on the whole image and on each tile.
-        tile: tile size in pixels (>= :data:`MIN_TILE`); overlap: fraction of a tile shared with the next, in [0, 1).
+        tile: tile size in pixels (>= :data:`MIN_TILE`) along the longer side of the model's input (:func:`tile_hw`);
+            overlap: fraction of a tile shared with the next, in [0, 1).
         border_margin: a tile box with an edge within this many pixels of an inner tile border is dropped.
     """
 
     def __init__(self, detector, tile: int = 640, overlap: float = 0.2, border_margin: float = 2.0):
         check_tiling(tile, overlap)
         self.detector, self.tile, self.overlap, self.border_margin = detector, int(tile), float(overlap), border_margin
+        self.tile_hw = tile_hw(self.tile, _input_hw(detector))
         self._logged: set[tuple[int, int]] = set()
 
     def __getattr__(self, name: str):
@@ -110,7 +134,7 @@ class TiledDetector:
         for batch, sizes in image_batches(images, batch_size):
             crops, windows = [], []   # per image: the whole image (window None), then its tiles
             for image, (height, width) in zip(batch, sizes):
-                grid = tile_windows_xyxy(height, width, self.tile, self.overlap)
+                grid = tile_windows_xyxy(height, width, self.tile_hw, self.overlap)
                 self._log_tiles(height, width, grid)
                 windows.append([None] + grid if len(grid) > 1 else [None])
                 crops += [image if w is None else image[:, w[1]:w[3], w[0]:w[2]] for w in windows[-1]]
@@ -164,7 +188,12 @@ class TiledDetector:
             return
         self._logged.add((height, width))
         if len(windows) > 1:
-            log.info("%dx%d images: the whole image and %d tiles of %d px (overlap %g)", width, height,
-                     len(windows), self.tile, self.overlap)
+            log.info("%dx%d images: the whole image and %d tiles of %s px (overlap %g)", width, height,
+                     len(windows), self._tile_text(), self.overlap)
         else:
-            log.info("%dx%d images: no larger than a %d px tile, predicted whole", width, height, self.tile)
+            log.info("%dx%d images: no larger than a %s px tile, predicted whole", width, height, self._tile_text())
+
+    def _tile_text(self) -> str:
+        """``640`` for square tiles, ``640x376`` (width x height, as the image sizes are logged) otherwise."""
+        height, width = self.tile_hw
+        return str(width) if height == width else f"{width}x{height}"
