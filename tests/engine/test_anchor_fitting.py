@@ -291,18 +291,22 @@ def test_anchors_command(fitted_run, tmp_path, capsys):
     assert own["boxes"] == ran["boxes"] and own["summary"]["recall"] > record["before"]["summary"]["recall"]
 
 
-def test_resume_and_dry_run_do_not_fit(fitted_run, monkeypatch, tmp_path):
+def test_resume_does_not_fit_and_a_dry_run_builds_the_fitted_model(fitted_run, monkeypatch, tmp_path, capsys):
     from multibox.cli import main
     from multibox.engine import fit as fit_module
 
     ann, run = fitted_run
-    calls = []
-    monkeypatch.setattr(fit_module, "fit_run_anchors", lambda *a, **k: calls.append(a))
-    sizes = load_config(str(run / "config.yaml")).anchors.sizes
     args = ["train", "--data", str(ann), "--out", str(tmp_path / "dry"), "--dry-run"]
     for item in QUICK_TINY_TRAIN:
         args += ["--set", item]
-    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--set", "anchors.fit_boxes=8"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["default_boxes"] == 8 * (38 ** 2 + 19 ** 2 + 10 ** 2 + 5 ** 2 + 3 ** 2 + 1)   # 8 per location
+    assert not (tmp_path / "dry").exists()
+    calls = []
+    monkeypatch.setattr(fit_module, "fit_run_anchors", lambda *a, **k: calls.append(a))
+    sizes = load_config(str(run / "config.yaml")).anchors.sizes
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert calls == []
     assert load_config(str(run / "config.yaml")).anchors.sizes == sizes

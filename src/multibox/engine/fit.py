@@ -171,8 +171,10 @@ def _fit(cfg: Config, out: Path, resume: bool, progress: bool, dry_run: bool, ex
     # read; a resumed run's last.pt holds its weights, and a dry run's step does not need them.
     initial = None if resume else InitialWeights() if dry_run else plan_weights(cfg, env)
     started = time.monotonic()
+    # A dry run fits the boxes too: anchors.fit_boxes sets the box head's width, and a fit the run would refuse
+    # (fit_boxes with --weights) is refused here.
     run = build_run(cfg, out, device, env, progress=progress and env.is_main, initial=initial,
-                    fit_anchors=not (resume or dry_run))
+                    fit_anchors=not resume)
     run.started = started
     if dry_run:
         return dry_run_step(run)
