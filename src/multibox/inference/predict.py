@@ -27,7 +27,8 @@ cap an image may keep fewer). ``--score`` defaults to :data:`DISPLAY_SCORE`, or 
 hundred boxes per picture.
 
 ``tile`` (``--tile``): each image and frame is also predicted in overlapping tiles of the model input's shape,
-that many pixels along its longer side, and the detections merged (:class:`multibox.inference.tiling.TiledDetector`), for small objects in large images.
+that many pixels along its longer side, and the detections merged
+(:class:`multibox.inference.tiling.TiledDetector`), for small objects in large images.
 """
 from __future__ import annotations
 

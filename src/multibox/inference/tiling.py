@@ -7,8 +7,9 @@ stretched or letterboxed as ``data.resize`` says): in a 1920x1080 photo a 20 px 
 ``tile`` crops (square for a square model), where the same object keeps about half its size, and merges:
 
 1. the whole image, always (large objects, which tiles cut, are found there);
-2. tiles on a grid of stride ``tile * (1 - overlap)``, the last row and column aligned to the image's bottom and
-   right edges (:func:`tile_windows_xyxy`); an image no larger than one tile is predicted whole, alone;
+2. tiles on a grid of stride ``1 - overlap`` of the tile's side on each axis, the last row and column aligned to
+   the image's bottom and right edges (:func:`tile_windows_xyxy`); an image no larger than one tile is predicted
+   whole, alone;
 3. tile boxes shifted to image pixels, less those that reach an inner tile border (see below), concatenated with
    the whole image's, class-wise NMS (``torchvision.ops.batched_nms``) at the model's own ``eval.nms_threshold``,
    then the best ``max_det`` by score.
@@ -22,9 +23,9 @@ Boxes at inner tile borders: a box of a tile whose edge lies within ``border_mar
 tile overlaps (not the image's own border) is most likely an object that the border cuts, its box cut with it (the
 postprocessing clips boxes to the crop). Its IoU with the object's whole box is about the fraction of the object
 inside the tile, often below the NMS threshold, so NMS alone would keep both: a duplicate half box. An object
-smaller than the overlap (``tile * overlap`` px, 128 at 640 and 0.2) lies whole in the neighbouring tile, and a
-larger one is what the whole image finds, so these boxes are dropped. SAHI keeps them instead and merges them
-(greedy NMM by intersection over the smaller box); dropping keeps the merge a plain NMS. The cost: with
+smaller than the overlap (``overlap`` of the tile's side: 128 px at 640 and 0.2) lies whole in the neighbouring
+tile, and a larger one is what the whole image finds, so these boxes are dropped. SAHI keeps them instead and
+merges them (greedy NMM by intersection over the smaller box); dropping keeps the merge a plain NMS. The cost: with
 ``overlap=0`` an object that the border cuts is left to the whole image alone.
 """
 from __future__ import annotations
